@@ -1,0 +1,35 @@
+# skipcache developer entry points. Everything runs inside a venv in the repo (.venv).
+# Pins live here, not in pyproject.toml: the package itself accepts any recent torch.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test test-fast demo benchmark tiny-clip clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+test: install            ## the whole suite (a few minutes on 2 CPU cores)
+	$(PY) -m pytest
+
+test-fast: install       ## unit tests only
+	$(PY) -m pytest -m "not slow"
+
+demo: install            ## cache -> tune -> eval on the built-in synthetic base-to-new task
+	$(VENV)/bin/skipcache run pipelines/demo.toml
+
+benchmark: install       ## time and memory: FT vs LSkip vs LSkip+CSkip, cache stage, store reads
+	$(VENV)/bin/skipcache run pipelines/benchmark.toml
+
+tiny-clip: install       ## re-pretrain the shipped synth-vit weights from scratch (GPU: ~8 min)
+	$(PY) -m skipcache.synthworld.pretrain --out build/tiny-clip --minutes 8
+
+clean:
+	rm -rf build runs .pytest_cache

@@ -1,0 +1,313 @@
+"""The `skipcache` command line: a thin typer shell over the stage functions.
+
+Each command parses its options into a config, calls one library function and prints the result
+(a rich table, or one JSON document on stdout with `--json`). A `SkipcacheError` becomes a
+one-line `error: ...` on stderr and a non-zero exit code; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from skipcache.errors import SkipcacheError
+from skipcache.runtime import DATA_ENV, STORE_ENV, default_store_root
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Skip Tuning for CLIP: cache the frozen shallow layers once, fine-tune the deep layers many times.")
+out = Console()
+err = Console(stderr=True)
+
+RootOpt = typer.Option(None, "--root", help=f"Store root (default: ${STORE_ENV} or ./store).")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout and nothing else there.")
+
+
+def _root(root: Optional[Path]) -> Path:
+    return root if root is not None else default_store_root()
+
+
+def handle_errors(fn):
+    """Turn a SkipcacheError into `error: <message>` on stderr and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SkipcacheError as exc:
+            err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: completed shards/epochs are kept; rerun the same command (tune: add --resume) to continue")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _table(title: str, columns: list[str], rows: list[list]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in r])
+    return table
+
+
+@app.command()
+@handle_errors
+def cache(
+    dataset: str = typer.Option(..., "--dataset", help="Dataset name (see `skipcache datasets`)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help=f"Dataset folder (default: ${DATA_ENV})."),
+    model: str = typer.Option("ViT-B-16", "--model", help="open_clip model name, or local-dir:DIR."),
+    pretrained: str = typer.Option("openai", "--pretrained", help="openai (or another open_clip tag), synth, a weights file, or none."),
+    omega: int = typer.Option(6, "--omega", help="Frozen blocks per tower (0..N)."),
+    shots: int = typer.Option(16, "--shots", help="Training images per class (0: all)."),
+    seed: int = typer.Option(1, "--seed", help="Seed of the few-shot sample and the augmentation."),
+    classes: str = typer.Option("base", "--classes", help="base: train on base classes, test base and new; all: every class."),
+    views: int = typer.Option(1, "--views", help="Augmented views per training image (1: no augmentation)."),
+    dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16, bfloat16 or float32."),
+    template: Optional[str] = typer.Option(None, "--template", help="Prompt template with {} (default: the dataset's)."),
+    root: Optional[Path] = RootOpt,
+    force: bool = typer.Option(False, "--force", help="Rebuild even if a complete store with this key exists."),
+    device: str = DeviceOpt,
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    workers: int = typer.Option(0, "--workers", help="Image-decoding worker processes."),
+    as_json: bool = JsonOpt,
+):
+    """Run the frozen layers 1..omega once and write a feature store (resumes if interrupted)."""
+    from skipcache.stages.cache import CacheConfig, result_dict, run_cache
+
+    cfg = CacheConfig(dataset=dataset, data_root=data_root, model=model, pretrained=pretrained, omega=omega,
+                      shots=shots or None, seed=seed, classes=classes, views=views, dtype=dtype, template=template,
+                      root=_root(root), force=force, device=device, batch_size=batch_size, workers=workers,
+                      progress=not as_json)
+    result = run_cache(cfg)
+    if as_json:
+        return _print_json(result_dict(result))
+    verb = "reused existing store" if result.reused else f"cached in {result.seconds:.1f} s ({result.images_per_s:.1f} img/s)"
+    out.print(f"{verb}: {result.path}")
+    out.print(_table("zero-shot top-1 (%)", ["split", "images", "accuracy"],
+                     [[s, result.rows[s], result.zeroshot_acc.get(s, float('nan'))] for s in result.rows]))
+
+
+@app.command()
+@handle_errors
+def tune(
+    store: Optional[Path] = typer.Argument(None, help="Store path (default: newest complete store under --root)."),
+    root: Optional[Path] = RootOpt,
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Pick the newest store of this dataset."),
+    model: Optional[str] = typer.Option(None, "--model", help="Pick the newest store of this model."),
+    omega: Optional[int] = typer.Option(None, "--omega", help="Pick the newest store with this omega."),
+    epochs: int = typer.Option(20, "--epochs"),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    lr: float = typer.Option(2e-5, "--lr", help="Learning rate of the text side."),
+    lr_image: Optional[float] = typer.Option(None, "--lr-image", help="Learning rate of the image side (default lr/4)."),
+    warmup_epochs: int = typer.Option(1, "--warmup-epochs", help="Epochs at constant lr 1e-6 before the cosine schedule."),
+    r: float = typer.Option(0.5, "--r", help="CSkip ratio of always-kept classes, in (0, 1]."),
+    lam: float = typer.Option(0.3, "--lam", help="CSkip decay of the tail keep probability, > 0."),
+    max_top: Optional[int] = typer.Option(None, "--max-top", help="Cap on the always-kept set (the paper's code uses 50)."),
+    cskip_variant: str = typer.Option("eq7", "--cskip-variant", help="eq7 (resampled every step) or paper-code."),
+    no_cskip: bool = typer.Option(False, "--no-cskip", help="Use every class for every image (LSkip only)."),
+    rank: str = typer.Option("zeroshot", "--rank", help="Class ranking for CSkip: zeroshot or dynamic."),
+    seed: int = typer.Option(1, "--seed"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<dataset>-<model>-omega<w>-<time>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Weights file, if the store's source moved."),
+    device: str = DeviceOpt,
+    workers: int = typer.Option(0, "--workers", help="Unused: the store reader prefetches in a thread."),
+    as_json: bool = JsonOpt,
+):
+    """Train blocks omega+1..N on a store with CSkip; write a run directory."""
+    from skipcache.stages.tune import TuneConfig, result_dict, run_tune
+
+    cfg = TuneConfig(store=store, root=_root(root), dataset=dataset, model=model, omega=omega, out=out_dir, epochs=epochs,
+                     batch_size=batch_size, lr=lr, lr_image=lr_image, warmup_epochs=warmup_epochs, r=r, lam=lam,
+                     max_top=max_top, cskip_variant=cskip_variant, cskip=not no_cskip, rank=rank, seed=seed,
+                     resume=resume, pretrained=pretrained, device=device, workers=workers, progress=not as_json)
+    result = run_tune(cfg)
+    if as_json:
+        return _print_json(result_dict(result))
+    f = result.final
+    out.print(f"run: {result.run_dir}  ({result.seconds:.1f} s, median step {result.step_time_median_s * 1000:.1f} ms, "
+              f"peak {result.peak_memory_mib:.0f} MiB by {result.peak_memory_method})")
+    out.print(f"last epoch: loss {f.get('loss', float('nan')):.4f}  train acc {f.get('train_acc', float('nan')):.1f}%  "
+              f"classes kept per image {f.get('classes_kept_per_image', float('nan')):.1f}")
+    out.print(f"next: skipcache eval {result.run_dir}")
+
+
+@app.command("eval")
+@handle_errors
+def eval_(
+    run_dir: Path = typer.Argument(..., help="Run directory of `skipcache tune`."),
+    device: str = DeviceOpt,
+    batch_size: int = typer.Option(256, "--batch-size"),
+    workers: int = typer.Option(0, "--workers", help="Unused: evaluation reads the store."),
+    as_json: bool = JsonOpt,
+):
+    """Accuracy on the cached test splits: base, new and H (percent), next to zero-shot."""
+    from skipcache.stages.evaluate import run_eval
+
+    result = run_eval(run_dir, device=device, batch_size=batch_size)
+    if as_json:
+        return _print_json(result.to_json())
+    keys = [k for k in ("base", "new", "H", "all") if k in result.accuracy]
+    out.print(_table(f"top-1 accuracy (%) of {run_dir}", ["method", *keys],
+                     [["zero-shot", *[result.zeroshot[k] for k in keys]], ["Skip Tuning", *[result.accuracy[k] for k in keys]]]))
+
+
+@app.command()
+@handle_errors
+def inspect(store: Path = typer.Argument(..., help="Store path."), as_json: bool = JsonOpt):
+    """What a store holds: key, splits, sizes, zero-shot accuracy."""
+    from skipcache.store import FeatureStore
+
+    summary = FeatureStore.open(store, allow_incomplete=True).summary()
+    if as_json:
+        return _print_json(summary)
+    for k in ("path", "complete", "storage_dtype", "size_mib", "created_utc"):
+        if k in summary:
+            out.print(f"[bold]{k}[/bold]: {summary[k]}")
+    out.print("[bold]key[/bold]: " + json.dumps(summary.get("key", {}), sort_keys=True))
+    splits = summary.get("splits", {})
+    rows = [[s, v.get("n"), v.get("views"), v.get("classes") if isinstance(v.get("classes"), int) else len(v.get("classes", [])),
+             v.get("size_mib", float("nan")), summary.get("zeroshot_acc", {}).get(s, float("nan"))] for s, v in splits.items()]
+    out.print(_table("splits", ["split", "images", "views", "classes", "MiB", "zero-shot %"], rows))
+
+
+@app.command("ls")
+@handle_errors
+def ls(root: Optional[Path] = typer.Argument(None, help="Store root (default: $SKIPCACHE_STORE or ./store)."), as_json: bool = JsonOpt):
+    """List the stores under a root."""
+    from skipcache.store import list_stores
+
+    stores = list_stores(_root(root))
+    if as_json:
+        return _print_json(stores)
+    if not stores:
+        out.print(f"no stores under {_root(root)}; build one with `skipcache cache --dataset ...`")
+        return
+    cols = ["dataset", "model", "pretrained", "omega", "key_hash", "complete", "size_mib", "created_utc"]
+    out.print(_table(f"stores under {_root(root)}", cols + ["path"], [[s.get(c, "") for c in cols] + [s.get("path", "")] for s in stores]))
+
+
+@app.command()
+@handle_errors
+def verify(store: Path = typer.Argument(..., help="Store path.")):
+    """Read every chunk of a store; name corrupted or non-finite ones (exit 1 if any)."""
+    from skipcache.errors import CorruptStore
+    from skipcache.store import FeatureStore
+
+    problems = FeatureStore.open(store, allow_incomplete=True).verify()
+    if problems:
+        for p in problems:
+            err.print(p, highlight=False, soft_wrap=True)
+        raise CorruptStore(f"{len(problems)} problem(s) in {store}; rebuild with `skipcache cache ... --force`")
+    out.print(f"ok: {store}")
+
+
+@app.command()
+@handle_errors
+def export(run_dir: Path = typer.Argument(..., help="Run directory."),
+           out_path: Path = typer.Option(..., "--out", help="FILE.safetensors, or a directory for open_clip's local-dir:.")):
+    """Write a tuned run as a plain open_clip checkpoint (pretrained + tuned deep weights)."""
+    from skipcache.stages.export import run_export
+
+    result = run_export(run_dir, out_path)
+    out.print(f"wrote {result.path} ({result.tensors} tensors, {result.size_mib:.1f} MiB); "
+              f"load with open_clip.create_model({result.model!r}, pretrained={str(result.path)!r})")
+
+
+@app.command()
+@handle_errors
+def predict(
+    run_dir: Path = typer.Argument(..., help="Run directory."),
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    top_k: int = typer.Option(5, "--top-k"),
+    device: str = DeviceOpt,
+    batch_size: int = typer.Option(32, "--batch-size"),
+    workers: int = typer.Option(0, "--workers", help="Unused: images are decoded in the main process."),
+    as_json: bool = JsonOpt,
+):
+    """Top-k classes for raw images through the tuned model."""
+    from skipcache.stages.export import run_predict
+
+    preds = run_predict(run_dir, images, top_k=top_k, device=device, batch_size=batch_size)
+    if as_json:
+        return _print_json([{"image": p.image, "top": [{"class": c, "prob": v} for c, v in p.top]} for p in preds])
+    for p in preds:
+        out.print(f"[bold]{p.image}[/bold]: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in p.top), highlight=False)
+
+
+@app.command()
+@handle_errors
+def models(as_json: bool = JsonOpt):
+    """List model names (open_clip's and the built-in tiny ones) and built-in weights."""
+    from skipcache.model import BUILTIN_WEIGHTS, list_models
+
+    names = list_models()
+    if as_json:
+        return _print_json({"models": names, "builtin_weights": BUILTIN_WEIGHTS})
+    out.print("built-in: tiny (random init, for tests), synth-vit --pretrained synth (pretrained offline on synthetic data)")
+    out.print(", ".join(names), highlight=False)
+
+
+@app.command()
+@handle_errors
+def datasets(as_json: bool = JsonOpt):
+    """List the datasets and whether they need a data root."""
+    from skipcache.data import list_datasets
+
+    infos = list_datasets()
+    if as_json:
+        return _print_json([{"name": d.name, "needs_root": d.needs_root, "description": d.description} for d in infos])
+    out.print(_table("datasets", ["name", "needs --data-root", "description"], [[d.name, d.needs_root, d.description] for d in infos]))
+
+
+@app.command()
+@handle_errors
+def run(
+    pipeline: Path = typer.Argument(..., help="Pipeline file (see pipelines/)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: runs/pipelines/<name>-<time>)."),
+    root: Optional[Path] = RootOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+):
+    """Run a declarative pipeline: one store, several methods, one result table."""
+    from skipcache.pipeline import METRICS, run_pipeline
+
+    result = run_pipeline(pipeline, out=out_dir, device=device, root=root, progress=not as_json,
+                          log=(lambda *a: None) if as_json else (lambda msg: err.print(msg, highlight=False)))
+    if as_json:
+        return _print_json(result)
+    rows = result["rows"]
+    keys = [k for k in METRICS if any(k in r for r in rows)]
+    table = _table(f"{result['pipeline']}: top-1 accuracy (%), tune time and peak memory", ["method", *keys, "tune s", "step ms", "peak MiB"],
+                   [[r["method"], *[r.get(k, float("nan")) for k in keys], r["tune_s"], r["step_ms"], r["peak_mib"]] for r in rows])
+    out.print(table)
+    methods = sorted({r["memory_method"] for r in rows if "memory_method" in r})
+    if methods:
+        out.print(f"peak memory: {'; '.join(methods)}")
+    out.print(f"results: {result['out']}/results.json")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("root").setLevel(logging.ERROR)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Class-wise skipping (CSkip): which class prompts each training image sees in the loss.
+
+For an image, o_j is the rank of class j by similarity to the image (0 = most similar). Paper
+Eq. 7 keeps class j with probability
+
+    p_j = 1                          if o_j < top        (top = r·M, or min(r·M, max_top))
+    p_j = exp(-λ·(o_j − top))        otherwise
+
+taken literally from DESIGN.md. Since exp(0) = 1, a rank equal to top (when r·M is an integer)
+is also kept with probability 1, so ranks 0..top are certain: top + 1 classes, not top.
+The true class is always kept. The mask is resampled on every call, i.e. every step.
+
+The "paper-code" variant reproduces the authors' implementation instead:
+  - the certain set is the first k = min(ceil(r·M), 50) ranks (max_top replaces the 50 if set);
+  - the n = M − k tail ranks get min-max-normalized exp(−x/λ) over x = linspace(0, 5, n), so the
+    first tail rank has p = 1 and the last p = 0 (note x/λ, not λ·x);
+  - with one tail rank the original divides 0 by 0 and gets NaN; we define p = 1 there;
+  - the mask is drawn once per run for every training row (`fixed_masks`), not every step.
+
+A batch of images with different subsets runs the text tower once on the union of kept classes
+(`union_and_mask`) and masks each image's logits to its own subset (`masked_cross_entropy`).
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from skipcache.errors import ConfigError
+
+PAPER_CODE_TOP_CAP = 50  # the authors' code never keeps more than 50 classes for certain
+
+
+@dataclass(frozen=True)
+class CSkipConfig:
+    """CSkip settings: sampling ratio r, decay λ, optional cap on the certain set, variant."""
+
+    r: float = 0.5
+    lam: float = 0.3
+    max_top: int | None = None
+    variant: Literal["eq7", "paper-code"] = "eq7"
+    enabled: bool = True
+
+    def __post_init__(self):
+        if not (0 < self.r <= 1):
+            raise ConfigError(f"r must be in (0, 1], got {self.r}; pass --r between 0 and 1")
+        if not (self.lam > 0 and math.isfinite(self.lam)):
+            raise ConfigError(f"lam must be > 0 and finite, got {self.lam}; pass --lam such as 0.3")
+        if self.max_top is not None and not (isinstance(self.max_top, int) and self.max_top >= 1):
+            raise ConfigError(
+                f"max_top must be an integer >= 1 or unset, got {self.max_top!r}; "
+                "pass --max-top 1 or more, or leave it unset")
+        if self.variant not in ("eq7", "paper-code"):
+            raise ConfigError(
+                f"variant must be 'eq7' or 'paper-code', got {self.variant!r}; "
+                "pass --cskip-variant eq7 or paper-code")
+
+
+def probabilities_by_rank(num_classes: int, cfg: CSkipConfig, device=None) -> torch.Tensor:
+    """Keep probability of each rank 0..M-1, shape (M,), float32."""
+    M = num_classes
+    o = torch.arange(M, device=device, dtype=torch.float32)
+    if not cfg.enabled:
+        return torch.ones(M, device=device)
+    if cfg.variant == "eq7":
+        top = cfg.r * M if cfg.max_top is None else min(cfg.r * M, cfg.max_top)
+        return torch.where(o < top, torch.ones_like(o), torch.exp(-cfg.lam * (o - top)))
+    # paper-code variant
+    cap = PAPER_CODE_TOP_CAP if cfg.max_top is None else cfg.max_top
+    k = min(math.ceil(cfg.r * M), cap, M)
+    n_tail = M - k
+    p = torch.ones(M, device=device)
+    if n_tail >= 2:  # n_tail == 1: the original's 0/0 (NaN); we keep it (p = 1)
+        w = torch.exp(-torch.linspace(0, 5, n_tail, device=device) / cfg.lam)
+        p[k:] = (w - w.min()) / (w.max() - w.min())
+    return p
+
+
+def keep_probabilities(rank: torch.Tensor, cfg: CSkipConfig) -> torch.Tensor:
+    """Per-entry keep probability from integer ranks (B, M) (0 = most similar); float (B, M)."""
+    table = probabilities_by_rank(rank.shape[-1], cfg, device=rank.device)  # (M,)
+    return table[rank.long()]
+
+
+def sample_keep_mask(rank: torch.Tensor, labels: torch.Tensor, cfg: CSkipConfig,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw a fresh keep mask (B, M): Bernoulli(p) per entry, the true class always kept.
+
+    Args:
+        rank: (B, M) integer ranks, 0 = most similar.
+        labels: (B,) the true class of each image, as an index into the M classes.
+        cfg: CSkip settings; disabled keeps everything.
+        generator: source of randomness; must live on rank's device.
+    """
+    B, M = rank.shape
+    if not cfg.enabled:
+        return torch.ones(B, M, dtype=torch.bool, device=rank.device)
+    p = keep_probabilities(rank, cfg)
+    # rand is in [0, 1): p = 1 is always kept, p = 0 never
+    keep = torch.rand(B, M, generator=generator, device=rank.device) < p
+    keep[torch.arange(B, device=rank.device), labels.to(rank.device).long()] = True
+    return keep
+
+
+def fixed_masks(rank: torch.Tensor, labels: torch.Tensor, cfg: CSkipConfig,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The paper-code schedule: one mask per training row, drawn once per run.
+
+    Pass the ranks (N, M) and labels (N,) of the whole training set; look a batch up with
+    `masks[row_idx]`. Every epoch then sees the same subset for an image, which is what the
+    authors' code does (and what the paper's text warns leads to overfitting for top-k).
+    """
+    return sample_keep_mask(rank, labels, cfg, generator)  # (N, M)
+
+
+def union_and_mask(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted union of kept classes (U,) and each image's mask over that union (B, U)."""
+    class_ids = keep.any(dim=0).nonzero().squeeze(1)  # (U,), nonzero returns sorted indices
+    return class_ids, keep[:, class_ids]
+
+
+def target_positions(class_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Position of each label (B,) inside the sorted union class_ids (U,); (B,) long."""
+    labels = labels.to(class_ids.device).long()
+    pos = torch.searchsorted(class_ids, labels).clamp(max=len(class_ids) - 1)
+    if not torch.equal(class_ids[pos], labels):
+        raise ValueError("a label is missing from the kept classes; the true class must be kept")
+    return pos
+
+
+def masked_cross_entropy(logits: torch.Tensor, mask: torch.Tensor,
+                         target_in_union: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy where each image competes only against its own kept classes.
+
+    Args:
+        logits: (B, U) logits against the union of kept classes.
+        mask: (B, U) True where the image kept that class; the target must be kept.
+        target_in_union: (B,) target positions in the union (see `target_positions`).
+    """
+    logits = logits.masked_fill(~mask, float("-inf"))  # exp(-inf) = 0: dropped from softmax
+    return F.cross_entropy(logits, target_in_union)
+
+
+@torch.no_grad()
+def dynamic_rank(image_features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Rank (B, M) of each class by cosine similarity, 0 = most similar, ties broken by index.
+
+    Args:
+        image_features: (B, E) normalized image features of the current model (detached).
+        prototypes: (M, E) normalized zero-shot text features.
+    """
+    sim = image_features.float() @ prototypes.float().t()  # (B, M)
+    order = torch.argsort(-sim, dim=1, stable=True)  # (B, M) class ids, best first
+    B, M = sim.shape
+    ranks = torch.arange(M, device=sim.device).expand(B, M)
+    return torch.empty_like(order).scatter_(1, order, ranks)  # invert the permutation
+
+
+def expected_kept(num_classes: int, cfg: CSkipConfig) -> float:
+    """Expected number of kept classes per image, Σ p over ranks (ignores forcing the label)."""
+    return probabilities_by_rank(num_classes, cfg).sum().item()

@@ -1,0 +1,434 @@
+"""Model surgery: split an open_clip CLIP at layer omega into a frozen shallow part and a trainable deep part.
+
+This is the only module that knows open_clip's internals (`resblocks`, `_embeds`, `ln_post`,
+`text_projection`, the causal `attn_mask`). Everything else talks to the four halves:
+
+    ShallowVision(images)        -> tokens (B, Lv, Dv)          frozen, run once by the cache stage
+    DeepVision(tokens)           -> features (B, E)             trainable
+    ShallowText(token_ids)       -> tokens (M, Lt, Dt), eot (M)  frozen; Lt trimmed to max(eot) + 1
+    DeepText(tokens, eot)        -> features (M, E)             trainable
+
+Splitting reproduces `encode_image` / `encode_text` exactly in fp32. Text trimming is exact
+because the mask is causal: the EOT output depends only on positions <= EOT, so positions after
+the longest prompt's EOT never influence any feature the model uses.
+
+The deep halves keep references to the original open_clip modules, so their parameters can be
+named with open_clip's own state-dict keys (`deep_state_dict`), which is what makes export a
+plain key update of the pretrained state dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skipcache.errors import ConfigError, ModelError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+# Built-in pretrained tags: tag -> {model name: file in WEIGHTS_DIR}.
+BUILTIN_WEIGHTS = {"synth": {"synth-vit": "synth-vit.safetensors"}}
+
+
+def _register_builtin_configs() -> None:
+    import open_clip
+
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        open_clip.add_model_config(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """An open_clip model with what the store key and the preprocessing need to know about it.
+
+    Attributes:
+        model: the full open_clip model, eval mode, fp32.
+        name: open_clip model name.
+        pretrained: what the user passed (`openai`, `none`, `synth`, a path).
+        pretrained_label: short label for paths (`openai`, `none`, `synth`, file stem).
+        weights_hash: sha256 prefix of the weights (file bytes or state dict), or `random-seed<N>`.
+        image_size: input resolution.
+        mean, std: normalization of the model's preprocessing.
+    """
+
+    model: nn.Module
+    name: str
+    pretrained: str
+    pretrained_label: str
+    weights_hash: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def list_models() -> list[str]:
+    """All model names open_clip knows, the built-in `tiny` and `synth-vit` included."""
+    import open_clip
+
+    _register_builtin_configs()
+    return sorted(open_clip.list_models())
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def load_model(name: str, pretrained: str = "none", *, seed: int = 0) -> LoadedModel:
+    """Build an open_clip model and load its weights, failing with a message that says what to do.
+
+    Args:
+        name: open_clip model name (`ViT-B-16`, `tiny`, `synth-vit`) or `local-dir:DIR`
+            (an open_clip folder with `open_clip_config.json` and weights).
+        pretrained: `none` (random init, seeded), a built-in tag (`synth`), an open_clip
+            pretrained tag (`openai`, `laion2b_s34b_b88k`, ...; needs network on first use) or a
+            local weights file (`.safetensors`, `.bin`, `.pt`).
+        seed: seed of the random init when `pretrained` is `none`.
+
+    Raises:
+        ModelError: unknown model, weights missing or not downloadable, incompatible weights.
+    """
+    import open_clip
+
+    _register_builtin_configs()
+    is_local_dir = name.startswith("local-dir:")
+    if not is_local_dir and name not in open_clip.list_models():
+        raise ModelError(f"unknown model {name!r}; run `skipcache models` to list them, or pass local-dir:DIR")
+    label, weights_hash, state_dict = pretrained, None, None
+    create_kwargs: dict = {}
+    if is_local_dir:
+        label, weights_hash = "local", _file_sha256_dir(Path(name[len("local-dir:"):]))
+    elif pretrained in ("none", "", None):
+        label, weights_hash = "none", f"random-seed{seed}"
+    elif pretrained in BUILTIN_WEIGHTS:
+        files = BUILTIN_WEIGHTS[pretrained]
+        if name not in files:
+            raise ModelError(f"built-in weights {pretrained!r} exist only for {sorted(files)}; pass --model {next(iter(files))}")
+        path = WEIGHTS_DIR / files[name]
+        if not path.exists():
+            raise ModelError(f"built-in weights file {path.name} is missing from the package; reinstall skipcache or run `make tiny-clip`")
+        from skipcache.synthworld.pretrain import load_synth_state_dict
+
+        state_dict, weights_hash = load_synth_state_dict(path), _file_sha256(path)
+    elif Path(pretrained).expanduser().is_file():
+        path = Path(pretrained).expanduser()
+        label, weights_hash = path.stem, _file_sha256(path)
+        create_kwargs["pretrained"] = str(path)
+    elif any(c in pretrained for c in "/\\") or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth")):
+        raise ModelError(f"weights file not found: {pretrained}; check the path")
+    else:
+        known = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in known:
+            raise ModelError(f"no pretrained weights {pretrained!r} for {name}; known tags: {', '.join(known) or 'none'}; or pass a local file")
+        label, weights_hash = pretrained, f"open_clip:{name}:{pretrained}"
+        create_kwargs["pretrained"] = pretrained
+    torch.manual_seed(seed)
+    try:
+        model = open_clip.create_model(name, **create_kwargs)
+    except (RuntimeError, OSError, ValueError) as exc:  # download failures, bad files
+        if create_kwargs.get("pretrained") and not Path(str(create_kwargs["pretrained"])).exists():
+            raise ModelError(
+                f"cannot download pretrained weights {pretrained!r} for {name} (offline?): download the checkpoint on a "
+                f"machine with network (open_clip.create_model({name!r}, pretrained={pretrained!r}) caches it), then pass "
+                f"--pretrained /path/to/open_clip_model.safetensors; or try the built-in --model synth-vit --pretrained synth"
+            ) from None
+        raise ModelError(f"cannot load weights {pretrained!r} into {name}: {str(exc).splitlines()[0][:300]}") from None
+    if state_dict is not None:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise ModelError(f"weights {pretrained!r} do not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.eval()
+    pp = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
+    return LoadedModel(model, name, str(pretrained), label.replace("/", "_"), weights_hash, int(size), mean, std)
+
+
+def _file_sha256_dir(path: Path) -> str:
+    if not path.is_dir():
+        raise ModelError(f"local-dir not found: {path}; pass local-dir:DIR with open_clip_config.json and weights")
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode() + _file_sha256(f).encode())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_for(name: str):
+    """The open_clip tokenizer of `name` (context length from its config)."""
+    import open_clip
+
+    _register_builtin_configs()
+    return open_clip.get_tokenizer(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The towers, split
+# ---------------------------------------------------------------------------------------------
+
+
+def _text_tower(model: nn.Module) -> nn.Module:
+    """The module holding token_embedding ... text_projection (`model` for CLIP, `model.text` otherwise)."""
+    return model.text if hasattr(model, "text") else model
+
+
+def tower_depths(model: nn.Module) -> tuple[int, int]:
+    """(vision blocks, text blocks) of a transformer CLIP; ModelError otherwise."""
+    visual = model.visual
+    if not hasattr(visual, "transformer") or not hasattr(visual.transformer, "resblocks"):
+        raise ModelError(
+            f"the image tower is a {type(visual).__name__}, not a ViT: layer skipping needs transformer blocks; "
+            "use a ViT model such as ViT-B-16"
+        )
+    if getattr(visual, "attn_pool", None) is not None:
+        raise ModelError("image towers with attention pooling (CoCa-style) are not supported; use a CLIP ViT")
+    text = _text_tower(model)
+    if not hasattr(text, "transformer") or not hasattr(text.transformer, "resblocks"):
+        raise ModelError(f"the text tower {type(text).__name__} is not an open_clip transformer; use a CLIP model")
+    pool = getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax"))
+    if pool not in ("argmax", "eos") or getattr(text, "cls_emb", None) is not None:
+        raise ModelError(f"text pooling {pool!r} is not supported (needs EOT pooling with a causal mask)")
+    if getattr(text, "attn_mask", None) is None:
+        raise ModelError("the text tower has no causal attention mask; token trimming would not be exact")
+    return len(visual.transformer.resblocks), len(text.transformer.resblocks)
+
+
+def check_omega(model: nn.Module, omega: int) -> None:
+    """Raise ConfigError unless 0 <= omega <= N for both towers."""
+    n_vision, n_text = tower_depths(model)
+    n = min(n_vision, n_text)
+    if not 0 <= omega <= n:
+        raise ConfigError(f"omega must be in [0, {n}] for this model ({n_vision} image / {n_text} text blocks), got {omega}")
+
+
+class ShallowVision(nn.Module):
+    """Frozen image embeddings (conv1, class token, positions, ln_pre) and blocks [0, omega)."""
+
+    def __init__(self, visual: nn.Module, omega: int):
+        super().__init__()
+        self.visual = visual  # forward uses only _embeds and resblocks[:omega]
+        self.omega = omega
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.visual._embeds(images)  # (B, Lv, Dv)
+        for block in self.visual.transformer.resblocks[: self.omega]:
+            x = block(x)
+        return x
+
+
+class DeepVision(nn.Module):
+    """Blocks [omega, N), ln_post, class-token pooling and proj of the image tower."""
+
+    def __init__(self, visual: nn.Module, omega: int):
+        super().__init__()
+        self.resblocks = nn.ModuleList(list(visual.transformer.resblocks)[omega:])
+        self.ln_post = visual.ln_post
+        self.proj = visual.proj
+        self.pool_type = getattr(visual, "pool_type", "tok")
+        self.final_ln_after_pool = getattr(visual, "final_ln_after_pool", False)
+        self.omega = omega
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = tokens  # (B, Lv, Dv)
+        for block in self.resblocks:
+            x = block(x)
+        if not self.final_ln_after_pool:
+            x = self.ln_post(x)
+        pooled = x[:, 1:].mean(dim=1) if self.pool_type == "avg" else x[:, 0]  # (B, Dv)
+        if self.final_ln_after_pool:
+            pooled = self.ln_post(pooled)
+        return pooled @ self.proj if self.proj is not None else pooled  # (B, E)
+
+
+def eot_positions(token_ids: torch.Tensor, text: nn.Module) -> torch.Tensor:
+    """Position of the token the text tower pools (EOT), per prompt."""
+    if getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax")) == "eos":
+        eos = getattr(text, "text_eos_id", getattr(text, "eos_id", None))
+        return (token_ids == eos).int().argmax(dim=-1)
+    return token_ids.argmax(dim=-1)
+
+
+class ShallowText(nn.Module):
+    """Frozen token + positional embeddings and text blocks [0, omega); trims to max(EOT) + 1."""
+
+    def __init__(self, model: nn.Module, omega: int):
+        super().__init__()
+        self.text = _text_tower(model)
+        self.omega = omega
+
+    @torch.no_grad()
+    def forward(self, token_ids: torch.Tensor, trim: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        text = self.text
+        eot = eot_positions(token_ids, text)  # (M,)
+        length = int(eot.max()) + 1 if trim else token_ids.shape[1]
+        cast = text.transformer.get_cast_dtype()
+        x = text.token_embedding(token_ids[:, :length]).to(cast)  # (M, Lt, Dt)
+        x = x + text.positional_embedding[:length].to(cast)
+        mask = text.attn_mask[:length, :length]
+        for block in text.transformer.resblocks[: self.omega]:
+            x = block(x, attn_mask=mask)
+        return x, eot
+
+
+class DeepText(nn.Module):
+    """Text blocks [omega, N), ln_final, EOT pooling and text_projection."""
+
+    def __init__(self, model: nn.Module, omega: int):
+        super().__init__()
+        text = _text_tower(model)
+        self.resblocks = nn.ModuleList(list(text.transformer.resblocks)[omega:])
+        self.ln_final = text.ln_final
+        self.text_projection = text.text_projection
+        self.register_buffer("attn_mask", text.attn_mask.clone(), persistent=False)
+        self.omega = omega
+
+    def forward(self, tokens: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        x = tokens  # (M, Lt, Dt)
+        length = x.shape[1]
+        mask = self.attn_mask[:length, :length].to(x.dtype)
+        for block in self.resblocks:
+            x = block(x, attn_mask=mask)
+        x = self.ln_final(x)
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot]  # (M, Dt)
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(pooled)
+        return pooled @ self.text_projection  # (M, E)
+
+
+class DeepCLIP(nn.Module):
+    """The trainable part of a split CLIP: deep image and text halves and the frozen logit scale.
+
+    Parameter groups (`layer_groups`) drive both what is trainable and the per-tower learning
+    rates. Keys map one-to-one to open_clip's state dict (`deep_state_dict`).
+    """
+
+    def __init__(self, model: nn.Module, omega: int):
+        super().__init__()
+        check_omega(model, omega)
+        self.omega = omega
+        self.vision = DeepVision(model.visual, omega)
+        self.text = DeepText(model, omega)
+        self.register_buffer("logit_scale", model.logit_scale.detach().exp().clone(), persistent=False)
+        self._prefix = {
+            "vision.resblocks.": f"visual.transformer.resblocks.",
+            "vision.ln_post.": "visual.ln_post.",
+            "vision.proj": "visual.proj",
+        }
+        text_prefix = "text." if hasattr(model, "text") else ""
+        self._prefix.update({
+            "text.resblocks.": f"{text_prefix}transformer.resblocks.",
+            "text.ln_final.": f"{text_prefix}ln_final.",
+            "text.text_projection": f"{text_prefix}text_projection",
+        })
+
+    def layer_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The trainable parameters, grouped by tower: {"vision": [...], "text": [...]}."""
+        return {"vision": list(self.vision.parameters()), "text": list(self.text.parameters())}
+
+    def openclip_key(self, name: str) -> str:
+        """Map a parameter name of this module to the open_clip state-dict key it came from."""
+        for ours, theirs in self._prefix.items():
+            if name.startswith(ours):
+                rest = name[len(ours):]
+                if ours.endswith("resblocks."):
+                    index, _, tail = rest.partition(".")
+                    return f"{theirs}{int(index) + self.omega}.{tail}"
+                return theirs + rest
+        raise KeyError(name)
+
+    def deep_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable weights under open_clip's keys (what a run saves and export merges)."""
+        return {self.openclip_key(n): p.detach().cpu().contiguous() for n, p in self.named_parameters()}
+
+    def load_deep_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load weights saved by `deep_state_dict`, checking every key and shape first."""
+        own = dict(self.named_parameters())
+        by_key = {self.openclip_key(n): n for n in own}
+        missing = sorted(set(by_key) - set(state))
+        unexpected = sorted(set(state) - set(by_key))
+        if missing or unexpected:
+            raise ModelError(f"tuned weights do not match the model at omega={self.omega}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for key, name in by_key.items():
+            if state[key].shape != own[name].shape:
+                raise ModelError(f"tuned weight {key} has shape {tuple(state[key].shape)}, model expects {tuple(own[name].shape)}")
+        with torch.no_grad():
+            for key, name in by_key.items():
+                own[name].copy_(state[key])
+
+    def encode_image(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        f = self.vision(tokens)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def encode_text(self, tokens: torch.Tensor, eot: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        f = self.text(tokens, eot)
+        return F.normalize(f, dim=-1) if normalize else f
+
+
+class ShallowCLIP(nn.Module):
+    """The frozen part: what the cache stage runs once."""
+
+    def __init__(self, model: nn.Module, omega: int):
+        super().__init__()
+        check_omega(model, omega)
+        self.vision = ShallowVision(model.visual, omega)
+        self.text = ShallowText(model, omega)
+
+
+def split_model(model: nn.Module, omega: int, *, keep_shallow: bool = True) -> tuple[ShallowCLIP | None, DeepCLIP]:
+    """Split `model` at omega; freeze everything, then make the deep part trainable.
+
+    With `keep_shallow=False` the shallow blocks and embeddings are deleted from `model` (set to
+    empty / None) so the tune stage holds no shallow weights.
+    """
+    check_omega(model, omega)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    deep = DeepCLIP(model, omega)
+    for p in deep.parameters():
+        p.requires_grad_(True)
+    if keep_shallow:
+        return ShallowCLIP(model, omega), deep
+    drop_shallow(model, omega)
+    return None, deep
+
+
+def drop_shallow(model: nn.Module, omega: int) -> None:
+    """Free the frozen embeddings and blocks [0, omega) of both towers (the deep part keeps its own references)."""
+    visual, text = model.visual, _text_tower(model)
+    visual.transformer.resblocks = nn.ModuleList()
+    visual.conv1 = None
+    text.transformer.resblocks = nn.ModuleList()
+    text.token_embedding = None
+
+
+def trainable_summary(deep: DeepCLIP) -> dict[str, int]:
+    """Number of trainable parameters per group."""
+    return {k: sum(p.numel() for p in v) for k, v in deep.layer_groups().items()}
+
+
+def config_of(name: str) -> dict:
+    """The open_clip config dict of a model name (for model cards and keys)."""
+    import open_clip
+
+    _register_builtin_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ModelError(f"unknown model {name!r}; run `skipcache models`")
+    return json.loads(json.dumps(cfg))

@@ -1,0 +1,124 @@
+"""The eval stage: accuracy of a tuned run on the cached test splits, next to zero-shot.
+
+Each test split is classified among its own classes (base among base, new among new, as in the
+base-to-new protocol). `H` is the harmonic mean of base and new accuracy. Everything runs from
+the store: no image is decoded and no shallow layer is run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from skipcache.errors import RunError
+from skipcache.model import DeepCLIP
+from skipcache.runtime import resolve_device, write_json_atomic
+from skipcache.stages.tune import load_deep_model
+from skipcache.store import FeatureStore
+
+SPLIT_ALIASES = {"test_base": "base", "test_new": "new", "test": "all"}
+
+
+@dataclass
+class EvalResult:
+    """Accuracies in percent.
+
+    Attributes:
+        accuracy: tuned top-1 per reported split (`base`, `new`, `all`) and `H` when both halves exist.
+        zeroshot: the same for the pretrained model (from the logits stored by the cache stage).
+        per_class: tuned per-class accuracy per split, keyed by class name.
+        n: test images per split.
+    """
+
+    accuracy: dict[str, float]
+    zeroshot: dict[str, float]
+    per_class: dict[str, dict[str, float]]
+    n: dict[str, int]
+
+    def to_json(self) -> dict:
+        """`base`, `new`, `H` (and `all`) at the top level, details beside them."""
+        out = dict(self.accuracy)
+        out.update(zeroshot=self.zeroshot, per_class=self.per_class, n=self.n)
+        return out
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def read_run(run_dir: Path) -> tuple[dict, dict]:
+    """(config.json, run.json) of a finished run; RunError when it is missing or unfinished."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise RunError(f"{run_dir} is not a run directory (no config.json); pass the --out of a `skipcache tune` run")
+    if not (run_dir / "run.json").exists() or not (run_dir / "deep.safetensors").exists():
+        raise RunError(f"run {run_dir} has not finished (no run.json / deep.safetensors); finish it with `skipcache tune --out {run_dir} --resume`")
+    return json.loads((run_dir / "config.json").read_text()), json.loads((run_dir / "run.json").read_text())
+
+
+def load_run_model(run_dir: Path, device: torch.device, store: FeatureStore | None = None) -> tuple[DeepCLIP, FeatureStore]:
+    """The tuned deep model of a run and the store it was trained on."""
+    config, run = read_run(run_dir)
+    store = store or FeatureStore.open(Path(run["store"]))
+    if store.key_hash != run["store_key_hash"]:
+        raise RunError(f"store {store.path} is not the one run {run_dir} trained on; rebuild it with the same `skipcache cache` arguments")
+    deep = load_deep_model(store, device, config.get("pretrained"))
+    deep.load_deep_state_dict(load_file(str(Path(run_dir) / "deep.safetensors")))
+    return deep.eval(), store
+
+
+@torch.no_grad()
+def predict_split(deep: DeepCLIP, store: FeatureStore, split: str, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """Tuned logits (n, M_split) of a cached split, classes in the split's order."""
+    text = store.read_text()
+    classes = torch.as_tensor(store.splits[split].classes)
+    text_feats = deep.encode_text(text["tokens"][classes].to(device), text["eot"][classes].to(device))  # (M_split, E)
+    logits = []
+    for batch in store.iter_batches(split, batch_size, shuffle=False, view=0):
+        image = deep.encode_image(batch["vision"].to(device))  # (B, E)
+        logits.append((deep.logit_scale * image @ text_feats.T).float().cpu())
+    return torch.cat(logits)
+
+
+def _accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * float((pred == labels).float().mean()) if len(labels) else 0.0
+
+
+def _per_class(pred: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, float]:
+    out = {}
+    for i, name in enumerate(names):
+        sel = labels == i
+        if sel.any():
+            out[name] = round(_accuracy(pred[sel], labels[sel]), 2)
+    return out
+
+
+def run_eval(run_dir: Path, *, device: str = "auto", batch_size: int = 256) -> EvalResult:
+    """Evaluate a finished run on every test split of its store; also writes `eval.json` in the run."""
+    dev = resolve_device(device)
+    deep, store = load_run_model(Path(run_dir), dev)
+    classnames = store.read_text()["classnames"]
+    acc, zs, per_class, n = {}, {}, {}, {}
+    for split, alias in SPLIT_ALIASES.items():
+        if split not in store.splits:
+            continue
+        data = store.read_split(split, include_vision=False)
+        labels = data["labels"]
+        logits = predict_split(deep, store, split, dev, batch_size)
+        names = [classnames[c] for c in store.splits[split].classes]
+        acc[alias] = _accuracy(logits.argmax(1), labels)
+        zs[alias] = _accuracy(data["zeroshot_logits"].argmax(1), labels)
+        per_class[alias] = _per_class(logits.argmax(1), labels, names)
+        n[alias] = len(labels)
+    if not acc:
+        raise RunError(f"store {store.path} has no test split to evaluate")
+    for d in (acc, zs):
+        if "base" in d and "new" in d:
+            d["H"] = harmonic_mean(d["base"], d["new"])
+    result = EvalResult(accuracy=acc, zeroshot=zs, per_class=per_class, n=n)
+    write_json_atomic(Path(run_dir) / "eval.json", result.to_json())
+    return result

@@ -1,0 +1,312 @@
+"""The tune stage: train blocks omega+1..N of both towers on cached tokens, with CSkip.
+
+Reads a complete store (never the images, never the shallow weights: they are dropped right
+after loading), streams shuffled batches of cached image tokens, samples each image's class
+subset (CSkip), runs the text tower once on the batch's union of kept classes and minimizes the
+masked cross-entropy. fp32 master weights; bf16 autocast on CUDA.
+
+A run directory holds:
+    config.json      the resolved TuneConfig
+    run.json         store path and key, library versions, device, timing, peak memory, status
+    metrics.jsonl    one line per epoch
+    checkpoint.pt    latest epoch (weights, optimizer, schedule, RNG) for --resume
+    deep.safetensors the tuned deep weights under open_clip's state-dict keys
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from skipcache import cskip
+from skipcache.errors import ConfigError, IncompleteStore, RunError, StoreError
+from skipcache.model import DeepCLIP, load_model, split_model
+from skipcache.progress import make_progress
+from skipcache.runtime import default_store_root, library_versions, resolve_device, seed_everything, torch_save_atomic, utc_now, write_json_atomic
+from skipcache.store import FeatureStore, find_stores
+
+
+@dataclass
+class TuneConfig:
+    """Settings of one tuning run; defaults follow the paper's base-to-new recipe.
+
+    Attributes:
+        store: path of the store; None picks the newest complete store under `root` that matches
+            `dataset` / `model` / `omega` when given.
+        out: run directory; None makes `runs/<dataset>-<model>-omega<w>-<time>`.
+        epochs: passes over the train split.
+        batch_size: images per step.
+        lr: learning rate of the text side (paper: 2e-5).
+        lr_image: learning rate of the image side; None means lr / 4 (paper: 5e-6 for 2e-5).
+        weight_decay, momentum: SGD settings (paper: 5e-4, 0.9).
+        warmup_epochs: epochs at constant `warmup_lr` before the cosine schedule (paper: 1).
+        r, lam, max_top, cskip_variant, cskip: CSkip settings (see skipcache.cskip).
+        rank: `zeroshot` (rankings stored by the cache stage) or `dynamic` (the current model's
+            image features against the zero-shot prototypes, computed every step).
+        seed: seed of weights' RNG uses, batch order and CSkip draws.
+        resume: continue the run in `out` from its last checkpoint.
+        device: auto, cpu, cuda, cuda:N.
+        workers: unused by the store reader (it prefetches in a thread); kept for CLI symmetry.
+        pretrained: weights to load when the store's own source is not available (a path).
+        progress: draw a progress bar.
+    """
+
+    store: Path | None = None
+    root: Path = field(default_factory=default_store_root)
+    dataset: str | None = None
+    model: str | None = None
+    omega: int | None = None
+    out: Path | None = None
+    epochs: int = 20
+    batch_size: int = 4
+    lr: float = 2e-5
+    lr_image: float | None = None
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-6
+    r: float = 0.5
+    lam: float = 0.3
+    max_top: int | None = None
+    cskip_variant: str = "eq7"
+    cskip: bool = True
+    rank: str = "zeroshot"
+    seed: int = 1
+    resume: bool = False
+    device: str = "auto"
+    workers: int = 0
+    pretrained: str | None = None
+    progress: bool = True
+
+    def cskip_config(self) -> cskip.CSkipConfig:
+        return cskip.CSkipConfig(r=self.r, lam=self.lam, max_top=self.max_top, variant=self.cskip_variant, enabled=self.cskip)
+
+    def validate(self) -> None:
+        self.cskip_config()
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0 or (self.lr_image is not None and self.lr_image <= 0):
+            raise ConfigError(f"learning rates must be > 0, got lr={self.lr}, lr_image={self.lr_image}")
+        if self.rank not in ("zeroshot", "dynamic"):
+            raise ConfigError(f"rank must be 'zeroshot' or 'dynamic', got {self.rank!r}")
+        if self.rank == "dynamic" and self.cskip_variant == "paper-code":
+            raise ConfigError("the paper-code CSkip variant draws its masks once from zero-shot ranks; use --rank zeroshot with it")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs and self.epochs > 1:
+            raise ConfigError(f"warmup epochs must be in [0, epochs), got {self.warmup_epochs} for {self.epochs} epochs")
+
+
+@dataclass
+class TuneResult:
+    """What a tuning run produced.
+
+    Attributes:
+        run_dir: the run directory.
+        store: the store it trained on.
+        epochs: epochs completed.
+        seconds: wall time of this call (not counting earlier, resumed parts).
+        step_time_median_s: median optimizer-step time after the first 5 steps.
+        peak_memory_mib: peak memory and `peak_memory_method` how it was measured.
+        final: metrics of the last epoch.
+    """
+
+    run_dir: Path
+    store: Path
+    epochs: int
+    seconds: float
+    step_time_median_s: float
+    peak_memory_mib: float
+    peak_memory_method: str
+    final: dict
+
+
+def resolve_store(cfg: TuneConfig) -> FeatureStore:
+    """The store named by `cfg.store`, else the newest complete one under `cfg.root` matching the filters."""
+    if cfg.store is not None:
+        path = Path(cfg.store)
+        if not path.exists() and Path(str(path) + ".partial").exists():
+            raise IncompleteStore(f"store {path} is incomplete (cache was interrupted); rerun the same `skipcache cache` command to finish it")
+        if not path.exists():
+            raise StoreError(f"no store at {path}; run `skipcache ls` to list stores or `skipcache cache` to build one")
+        return FeatureStore.open(path)
+    found = find_stores(Path(cfg.root), dataset=cfg.dataset, model=cfg.model, omega=cfg.omega)
+    if not found:
+        wanted = ", ".join(f"{k}={v}" for k, v in (("dataset", cfg.dataset), ("model", cfg.model), ("omega", cfg.omega)) if v is not None)
+        raise StoreError(f"no complete store under {cfg.root}{' with ' + wanted if wanted else ''}; run `skipcache cache --dataset ...` first")
+    return FeatureStore.open(found[0])
+
+
+def load_deep_model(store: FeatureStore, device: torch.device, pretrained: str | None = None) -> DeepCLIP:
+    """The deep part of the store's model with its pretrained weights; the shallow part is freed."""
+    key = store.key
+    source = pretrained or store.attrs.get("pretrained_source") or key["pretrained_label"]
+    lm = load_model(key["model"], source, seed=key.get("seed", 0))
+    if lm.weights_hash != key["weights_hash"]:
+        raise StoreError(
+            f"weights {source!r} (hash {lm.weights_hash}) are not the ones the store was cached with ({key['weights_hash']}); "
+            "pass the original weights with --pretrained, or re-cache")
+    _, deep = split_model(lm.model, key["omega"], keep_shallow=False)
+    return deep.to(device)
+
+
+def _lr_at(step: int, cfg: TuneConfig, steps_per_epoch: int, base_lr: float) -> float:
+    """Constant warm-up for `warmup_epochs`, then cosine from base_lr to 0 over the remaining steps."""
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return cfg.warmup_lr
+    total = max(1, cfg.epochs * steps_per_epoch - warm)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (step - warm) / total))
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS of the process (ru_maxrss)"
+
+
+def _default_out(store: FeatureStore) -> Path:
+    key = store.key
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{key['dataset']}-{key['model']}-omega{key['omega']}-{stamp}"
+
+
+def run_tune(cfg: TuneConfig) -> TuneResult:
+    """Train the deep layers on a store; see the module docstring for what the run directory holds."""
+    cfg.validate()
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    store = resolve_store(cfg)
+    if "train" not in store.splits:
+        raise StoreError(f"store {store.path} has no train split")
+    out = Path(cfg.out) if cfg.out else _default_out(store)
+    ckpt_path = out / "checkpoint.pt"
+    if cfg.resume and not ckpt_path.exists():
+        raise RunError(f"nothing to resume in {out}: no checkpoint.pt; drop --resume to start a new run")
+    if not cfg.resume and out.exists() and any(out.iterdir()):
+        raise RunError(f"run directory {out} is not empty; pass --resume to continue it or --out for a new run")
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    resolved = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    resolved.update(store=str(store.path), out=str(out), lr_image=cfg.lr_image or cfg.lr / 4)
+    write_json_atomic(out / "config.json", resolved)
+
+    deep = load_deep_model(store, device, cfg.pretrained)
+    split = store.splits["train"]
+    text = store.read_text()
+    train_classes = torch.as_tensor(split.classes, device=device)
+    text_tokens = text["tokens"].to(device)[train_classes]  # (M_train, Lt, Dt)
+    text_eot = text["eot"].to(device)[train_classes]  # (M_train,)
+    prototypes = text["prototypes"].to(device)[train_classes]  # (M_train, E)
+    skip = cfg.cskip_config()
+    groups = deep.layer_groups()
+    lrs = {"vision": cfg.lr_image or cfg.lr / 4, "text": cfg.lr}
+    optimizer = torch.optim.SGD(
+        [{"params": groups[g], "lr": lrs[g], "name": g} for g in ("vision", "text")],
+        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    )
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    steps_per_epoch = math.ceil(split.n / cfg.batch_size)
+    fixed = None
+    if skip.enabled and skip.variant == "paper-code":
+        whole = store.read_split("train")
+        fixed = cskip.fixed_masks(whole["zeroshot_rank"].to(device), whole["labels"].to(device), skip, generator)
+
+    start_epoch, history = 0, []
+    if cfg.resume:
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if state["store_key_hash"] != store.key_hash:
+            raise RunError(f"checkpoint in {out} was trained on another store ({state['store_key_hash']}); use a new --out")
+        deep.load_deep_state_dict(state["deep"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
+        start_epoch, history = state["epoch"], state["history"]
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    step_times: list[float] = []
+    views = split.views
+    with make_progress(cfg.progress, unit="step", metrics=True) as progress:
+        bar = progress.add_task("tune", total=steps_per_epoch * (cfg.epochs - start_epoch), metrics="")
+        for epoch in range(start_epoch, cfg.epochs):
+            deep.train()
+            sums = {"loss": 0.0, "correct": 0, "seen": 0, "kept": 0.0, "union": 0.0, "steps": 0}
+            batches = store.iter_batches("train", cfg.batch_size, view=epoch % views, shuffle=True, seed=cfg.seed * 1000 + epoch)
+            for i, batch in enumerate(batches):
+                t0 = time.perf_counter()
+                step = epoch * steps_per_epoch + i
+                for g in optimizer.param_groups:
+                    g["lr"] = _lr_at(step, cfg, steps_per_epoch, lrs[g["name"]])
+                vision = batch["vision"].to(device, non_blocking=True)  # (B, Lv, Dv)
+                labels = batch["labels"].to(device)  # (B,) local to the train classes
+                with autocast:
+                    image = deep.encode_image(vision)  # (B, E)
+                    if fixed is not None:
+                        keep = fixed[batch["index"].to(device)]
+                    else:
+                        rank = cskip.dynamic_rank(image.detach().float(), prototypes) if cfg.rank == "dynamic" else batch["zeroshot_rank"].to(device)
+                        keep = cskip.sample_keep_mask(rank, labels, skip, generator)  # (B, M_train)
+                    class_ids, mask = cskip.union_and_mask(keep)  # (U,), (B, U)
+                    text_feats = deep.encode_text(text_tokens[class_ids], text_eot[class_ids])  # (U, E)
+                    logits = deep.logit_scale * image @ text_feats.T  # (B, U)
+                target = cskip.target_positions(class_ids, labels)
+                loss = cskip.masked_cross_entropy(logits.float(), mask, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                step_times.append(time.perf_counter() - t0)
+                with torch.no_grad():
+                    pred = logits.float().masked_fill(~mask, float("-inf")).argmax(dim=1)
+                    sums["loss"] += loss.item() * len(labels)
+                    sums["correct"] += int((pred == target).sum())
+                    sums["seen"] += len(labels)
+                    sums["kept"] += float(mask.sum())
+                    sums["union"] += len(class_ids)
+                    sums["steps"] += 1
+                progress.update(bar, advance=1, description=f"tune epoch {epoch + 1}/{cfg.epochs}",
+                                metrics=f"loss {sums['loss'] / sums['seen']:.3f} acc {100 * sums['correct'] / sums['seen']:.1f}")
+            row = {
+                "epoch": epoch + 1,
+                "loss": sums["loss"] / max(1, sums["seen"]),
+                "train_acc": 100 * sums["correct"] / max(1, sums["seen"]),
+                "classes_kept_per_image": sums["kept"] / max(1, sums["seen"]),
+                "union_classes_per_step": sums["union"] / max(1, sums["steps"]),
+                "lr_text": optimizer.param_groups[1]["lr"],
+                "time_utc": utc_now(),
+            }
+            history.append(row)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            torch_save_atomic({"epoch": epoch + 1, "deep": deep.deep_state_dict(), "optimizer": optimizer.state_dict(),
+                               "generator": generator.get_state(), "history": history, "store_key_hash": store.key_hash}, ckpt_path)
+
+    save_file(deep.deep_state_dict(), str(out / "deep.safetensors"), metadata={"omega": str(deep.omega), "model": store.key["model"]})
+    warm = sorted(step_times[5:] or step_times)
+    peak_mib, method = _peak_memory(device)
+    result = TuneResult(
+        run_dir=out, store=store.path, epochs=cfg.epochs, seconds=time.perf_counter() - started,
+        step_time_median_s=warm[len(warm) // 2] if warm else 0.0,
+        peak_memory_mib=peak_mib, peak_memory_method=method, final=history[-1] if history else {},
+    )
+    write_json_atomic(out / "run.json", {
+        "status": "complete", "store": str(store.path), "store_key": store.key, "store_key_hash": store.key_hash,
+        "library_versions": library_versions(), "device": str(device), "finished_utc": utc_now(),
+        "seconds": result.seconds, "step_time_median_s": result.step_time_median_s,
+        "peak_memory_mib": peak_mib, "peak_memory_method": method,
+        "trainable_parameters": sum(p.numel() for p in deep.parameters()),
+    })
+    return result
+
+
+def result_dict(result: TuneResult) -> dict:
+    out = asdict(result)
+    out["run_dir"], out["store"] = str(result.run_dir), str(result.store)
+    return out

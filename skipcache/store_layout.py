@@ -1,0 +1,202 @@
+"""The store layout: schema version, path scheme, cache key hash, and the empty array skeleton.
+
+Everything that fixes where a store lives and what arrays it holds, with which shapes, dtypes,
+chunks and shards, is decided here, once, when `create_skeleton` lays out a new store. The
+writer and readers (`skipcache.store`, `skipcache.store_read`) only fill and read those arrays.
+The spec is `docs/store-format.md`; a change here is a change of the format (bump
+`SCHEMA_VERSION` and add a golden fixture).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+from skipcache.store_read import STORAGE_DTYPES, fill_value_for
+
+SCHEMA_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+_CREATING_SUFFIX = ".creating"  # skeleton being laid out; renamed to .partial when complete
+_REQUIRED_KEY_FIELDS = ("dataset", "model", "pretrained_label", "omega")
+_RESERVED_ATTRS = {
+    "schema_version", "key", "key_hash", "library_versions", "created_utc", "complete",
+    "storage_dtype", "rows_per_shard", "text", "splits",
+}
+_TEXT_CHUNK_BYTES = 4 * 2**20
+_CHECKSUM = [Crc32cCodec()]  # every chunk carries a crc32c, so corrupted bytes fail to decode
+WRITE_CONFIG = {"write_empty_chunks": True}  # measured 4x faster writes for dense data
+
+
+def canonical_key(key: dict) -> str:
+    """The canonical JSON of a key: sorted keys, no spaces, UTF-8."""
+    return json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def key_hash(key: dict) -> str:
+    """First 12 hex digits of the sha256 of the key's canonical JSON."""
+    return hashlib.sha256(canonical_key(key).encode("utf-8")).hexdigest()[:12]
+
+
+def _path_part(value: Any) -> str:
+    part = str(value).replace("/", "_").replace("\\", "_")
+    return "_" if part in ("", ".", "..") else part
+
+
+def store_path(root: Path, key: dict) -> Path:
+    """`<root>/<dataset>/<model>@<pretrained_label>/omega<ω>-<keyhash>.zarr` for a cache key."""
+    missing = [f for f in _REQUIRED_KEY_FIELDS if f not in key]
+    if missing:
+        raise ValueError(f"store key lacks field(s) {missing}; it has {sorted(key)}")
+    model_dir = f"{_path_part(key['model'])}@{_path_part(key['pretrained_label'])}"
+    name = f"omega{_path_part(key['omega'])}-{key_hash(key)}.zarr"
+    return Path(root) / _path_part(key["dataset"]) / model_dir / name
+
+
+def final_and_partial(path: Path) -> tuple[Path, Path]:
+    """(final path, `.partial` path) of a store, given either of them."""
+    path = Path(path)
+    if path.name.endswith(PARTIAL_SUFFIX):
+        path = path.with_name(path.name[: -len(PARTIAL_SUFFIX)])
+    return path, path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the cached values, recorded in every store."""
+    versions = {"torch": torch.__version__, "zarr": zarr.__version__}
+    for name, dist in (("skipcache", "skipcache"), ("open_clip", "open_clip_torch")):
+        try:
+            versions[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@dataclass
+class SplitSpec:
+    """Shape of one cached split.
+
+    Attributes:
+        name: split name chosen by the cache stage (`train`, `test`, `test_base`...).
+        n: number of images (rows).
+        views: augmented views per image (1 for evaluation splits).
+        classes: global class indices of the split; a row's label indexes this list.
+        vision_shape: (Lv, Dv), tokens per image and token width.
+    """
+
+    name: str
+    n: int
+    views: int
+    classes: list[int]
+    vision_shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        self.classes = [int(c) for c in self.classes]
+        self.vision_shape = tuple(int(d) for d in self.vision_shape)
+
+
+SPLIT_ARRAYS = (
+    "vision", "labels", "classes", "zeroshot_logits", "zeroshot_rank", "source_ids", "done",
+)
+
+
+@dataclass
+class Layout:
+    """Everything besides the key that fixes the arrays of a store; compared on resume."""
+
+    text_shape: tuple[int, int, int]
+    embed_dim: int
+    splits: list[SplitSpec]
+    storage_dtype: str
+    rows_per_shard: int
+
+    def describe(self) -> dict:
+        """A JSON-comparable form (tuples become lists, as they do in attrs)."""
+        return json.loads(json.dumps({
+            "text_shape": list(self.text_shape), "embed_dim": self.embed_dim,
+            "storage_dtype": self.storage_dtype, "rows_per_shard": self.rows_per_shard,
+            "splits": {s.name: [s.n, s.views, list(s.classes), list(s.vision_shape)]
+                       for s in self.splits},
+        }))
+
+
+def create_skeleton(partial: Path, key: dict, layout: Layout, extra_attrs: dict) -> None:
+    """Lay out every array under a scratch directory, then rename it to `partial`."""
+    versions = {**library_versions(), **extra_attrs.get("library_versions", {})}
+    extra_attrs = {k: v for k, v in extra_attrs.items() if k != "library_versions"}
+    clash = _RESERVED_ATTRS & set(extra_attrs)
+    if clash:
+        raise ValueError(f"extra_attrs may not set reserved attributes {sorted(clash)}")
+    names = [s.name for s in layout.splits]
+    if len(set(names)) != len(names) or "text" in names:
+        raise ValueError(f"split names must be unique and not 'text', got {names}")
+    scratch = partial.with_name(partial.name[: -len(PARTIAL_SUFFIX)] + _CREATING_SUFFIX)
+    if scratch.exists():
+        shutil.rmtree(scratch)  # left by a process killed while creating
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(scratch), mode="w", zarr_format=3)
+    storage_np = STORAGE_DTYPES[layout.storage_dtype][1]
+    fill = fill_value_for(layout.storage_dtype)
+    rps = layout.rows_per_shard
+    nan = float("nan")
+
+    def plain(name, shape, dtype, chunks, fill_value):
+        """An unsharded array whose chunks carry a crc32c checksum."""
+        chunks = tuple(max(1, c) for c in chunks)
+        return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks,
+                                  fill_value=fill_value, compressors=_CHECKSUM, config=WRITE_CONFIG)
+
+    m, lt, dt = layout.text_shape
+    text_rows = max(1, min(m, _TEXT_CHUNK_BYTES // max(1, lt * dt * storage_np.itemsize)))
+    plain("text/tokens", (m, lt, dt), storage_np, (text_rows, lt, dt), fill)
+    plain("text/eot", (m,), "int32", (m,), -1)
+    plain("text/prototypes", (m, layout.embed_dim), "float32", (m, layout.embed_dim), nan)
+    group["text"].attrs.update({"written": False})
+    splits_attrs = {}
+    for spec in layout.splits:
+        lv, dv = spec.vision_shape
+        m_split, n_shards = len(spec.classes), -(-spec.n // rps)
+        rows = min(rps, max(spec.n, 1))  # per-row arrays: one chunk per shard
+        # vision: one image (one view) per inner chunk, rps images per shard file, raw bytes
+        inner = ShardingCodec(chunk_shape=(1, 1, lv, dv), codecs=[BytesCodec(), Crc32cCodec()])
+        group.create_array(f"{spec.name}/vision", shape=(spec.views, spec.n, lv, dv),
+                           dtype=storage_np, chunks=(1, rps, lv, dv), serializer=inner,
+                           compressors=None, fill_value=fill, config=WRITE_CONFIG)
+        plain(f"{spec.name}/labels", (spec.n,), "int64", (rows,), -1)
+        classes = plain(f"{spec.name}/classes", (m_split,), "int64", (m_split,), -1)
+        classes[...] = np.asarray(spec.classes, dtype=np.int64)
+        plain(f"{spec.name}/zeroshot_logits", (spec.n, m_split), "float32", (rows, m_split), nan)
+        rank_dtype = "int16" if m_split <= np.iinfo(np.int16).max else "int32"
+        plain(f"{spec.name}/zeroshot_rank", (spec.n, m_split), rank_dtype, (rows, m_split), -1)
+        plain(f"{spec.name}/source_ids", (spec.n,), str, (rows,), "")
+        plain(f"{spec.name}/done", (n_shards,), "uint8", (1,), 0)
+        splits_attrs[spec.name] = {
+            "n": spec.n, "views": spec.views, "n_classes": m_split,
+            "vision_shape": [lv, dv], "n_shards": n_shards,
+        }
+    group.attrs.update({
+        **extra_attrs,
+        "schema_version": SCHEMA_VERSION,
+        "key": key,
+        "key_hash": key_hash(key),
+        "library_versions": versions,
+        "created_utc": datetime.now(timezone.utc).isoformat(),
+        "complete": False,
+        "storage_dtype": layout.storage_dtype,
+        "rows_per_shard": rps,
+        "text": {"n_classes": m, "tokens_shape": [m, lt, dt], "embed_dim": layout.embed_dim},
+        "splits": splits_attrs,
+    })
+    os.rename(scratch, partial)
+
