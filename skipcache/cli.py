@@ -53,6 +53,22 @@ def handle_errors(fn):
     return wrapper
 
 
+def _parse_options(pairs: list[str]) -> dict:
+    """KEY=VALUE strings to a dict; values that parse as JSON (numbers, true/false) are converted."""
+    from skipcache.errors import ConfigError
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"dataset option {pair!r} is not KEY=VALUE; e.g. -o num_classes=10")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def _print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -71,6 +87,7 @@ def _table(title: str, columns: list[str], rows: list[list]) -> Table:
 def cache(
     dataset: str = typer.Option(..., "--dataset", help="Dataset name (see `skipcache datasets`)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help=f"Dataset folder (default: ${DATA_ENV})."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Dataset option KEY=VALUE, e.g. -o num_classes=10 (repeatable)."),
     model: str = typer.Option("ViT-B-16", "--model", help="open_clip model name, or local-dir:DIR."),
     pretrained: str = typer.Option("openai", "--pretrained", help="openai (or another open_clip tag), synth, a weights file, or none."),
     omega: int = typer.Option(6, "--omega", help="Frozen blocks per tower (0..N)."),
@@ -90,7 +107,7 @@ def cache(
     """Run the frozen layers 1..omega once and write a feature store (resumes if interrupted)."""
     from skipcache.stages.cache import CacheConfig, result_dict, run_cache
 
-    cfg = CacheConfig(dataset=dataset, data_root=data_root, model=model, pretrained=pretrained, omega=omega,
+    cfg = CacheConfig(dataset=dataset, data_root=data_root, dataset_options=_parse_options(option), model=model, pretrained=pretrained, omega=omega,
                       shots=shots or None, seed=seed, classes=classes, views=views, dtype=dtype, template=template,
                       root=_root(root), force=force, device=device, batch_size=batch_size, workers=workers,
                       progress=not as_json)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,10 @@ def load_model(name: str, pretrained: str = "none", *, seed: int = 0) -> LoadedM
         label, weights_hash = pretrained, f"open_clip:{name}:{pretrained}"
         create_kwargs["pretrained"] = pretrained
     torch.manual_seed(seed)
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    if "pretrained" not in create_kwargs:  # open_clip warns that a random init is random; we know
+        root_logger.setLevel(logging.ERROR)
     try:
         model = open_clip.create_model(name, **create_kwargs)
     except (RuntimeError, OSError, ValueError) as exc:  # download failures, bad files
@@ -147,6 +152,8 @@ def load_model(name: str, pretrained: str = "none", *, seed: int = 0) -> LoadedM
                 f"--pretrained /path/to/open_clip_model.safetensors; or try the built-in --model synth-vit --pretrained synth"
             ) from None
         raise ModelError(f"cannot load weights {pretrained!r} into {name}: {str(exc).splitlines()[0][:300]}") from None
+    finally:
+        root_logger.setLevel(level)
     if state_dict is not None:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if missing or unexpected:

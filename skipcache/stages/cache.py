@@ -38,6 +38,7 @@ class CacheConfig:
     Attributes:
         dataset: registry name (`skipcache datasets`).
         data_root: dataset folder; `$SKIPCACHE_DATA` when None (procedural datasets need none).
+        dataset_options: loader options, e.g. {"num_classes": 10} for a synthetic task.
         model: open_clip model name, or `local-dir:DIR`.
         pretrained: `openai`, another open_clip tag, `synth`, a weights file, or `none`.
         omega: number of frozen blocks per tower (0..N).
@@ -57,6 +58,7 @@ class CacheConfig:
 
     dataset: str = "synthetic"
     data_root: Path | None = None
+    dataset_options: dict = field(default_factory=dict)
     model: str = "ViT-B-16"
     pretrained: str = "openai"
     omega: int = 6
@@ -135,6 +137,7 @@ def build_key(cfg: CacheConfig, lm: LoadedModel, task: Task, template: str) -> d
     """Everything that determines the cached values, and nothing that only tune-time settings change."""
     return {
         "dataset": cfg.dataset,
+        "dataset_options": cfg.dataset_options,
         "task_fingerprint": task.fingerprint(),
         "classes": cfg.classes,
         "shots": cfg.shots,
@@ -180,7 +183,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     cfg.validate()
     started = time.perf_counter()
     device = resolve_device(cfg.device)
-    dataset = get_dataset(cfg.dataset, cfg.data_root)
+    dataset = get_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
     task = build_task(dataset, shots=cfg.shots or None, seed=cfg.seed, classes=cfg.classes)
     template = cfg.template or task.templates[0]
     lm = load_model(cfg.model, cfg.pretrained, seed=cfg.seed)
@@ -266,7 +269,7 @@ def _result(store: FeatureStore, key: dict, *, reused: bool, started: float, com
         path=store.path, key=key, reused=reused,
         rows={name: spec.n for name, spec in store.splits.items()},
         seconds=seconds, images_per_s=computed / seconds if computed else 0.0,
-        zeroshot_acc={k: v for k, v in summary.get("zeroshot_acc", {}).items()},
+        zeroshot_acc={k: 100.0 * v for k, v in summary.get("zeroshot_acc", {}).items()},
     )
 
 

@@ -85,7 +85,7 @@ def predict_split(deep: DeepCLIP, store: FeatureStore, split: str, device: torch
 
 
 def _accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * float((pred == labels).float().mean()) if len(labels) else 0.0
+    return round(100.0 * (pred == labels).sum().item() / len(labels), 4) if len(labels) else 0.0
 
 
 def _per_class(pred: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, float]:
@@ -118,7 +118,7 @@ def run_eval(run_dir: Path, *, device: str = "auto", batch_size: int = 256) -> E
         raise RunError(f"store {store.path} has no test split to evaluate")
     for d in (acc, zs):
         if "base" in d and "new" in d:
-            d["H"] = harmonic_mean(d["base"], d["new"])
+            d["H"] = round(harmonic_mean(d["base"], d["new"]), 4)
     result = EvalResult(accuracy=acc, zeroshot=zs, per_class=per_class, n=n)
     write_json_atomic(Path(run_dir) / "eval.json", result.to_json())
     return result
