@@ -1,0 +1,314 @@
+"""What `python -m skipcache.bench` measures: one function per configuration, each run in a fresh
+spawned child process so that its peak memory is its own.
+
+Training configurations time one optimizer step (forward + backward + SGD step, synchronized on
+CUDA) and report the median over `steps` timed steps after `warmup` untimed ones:
+
+    FT           4 raw images + M prompts (77 tokens) through the whole model, every weight trained
+    LSkip        deep blocks omega+1..N only, from cached tokens (random tensors of the cached
+                 shapes), all M prompts, untrimmed text
+    LSkip+trim   the same with the text trimmed to max(EOT) + 1 of the real prompts
+    Skip Tuning  LSkip + trim + CSkip (Eq. 7, r = 0.5, lambda = 0.3, random zero-shot ranks): the
+                 text tower runs on the union of kept classes over the batch
+
+Peak memory: on CUDA `torch.cuda.max_memory_allocated` (reset after warm-up, so it includes the
+weights, gradients and optimizer state); on CPU the child's peak RSS (ru_maxrss) minus its RSS
+right before the first step (after imports, model build and input creation).
+
+Throughput configurations: `cache` (shallow forward, no grad: images/s at batch 32 and prompts/s
+for the text side) and `store` (FeatureStore.iter_batches over a temporary fp16 store).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+TRAIN_CONFIGS = ("FT", "LSkip", "LSkip+trim", "Skip Tuning")
+CONFIGS = TRAIN_CONFIGS + ("cache", "store")
+FOOD = (
+    "apple pie,baby back ribs,baklava,beef carpaccio,beef tartare,beet salad,beignets,bibimbap,bread pudding,"
+    "breakfast burrito,bruschetta,caesar salad,cannoli,caprese salad,carrot cake,ceviche,cheesecake,cheese plate,"
+    "chicken curry,chicken quesadilla,chicken wings,chocolate cake,chocolate mousse,churros,clam chowder,"
+    "club sandwich,crab cakes,creme brulee,croque madame,cup cakes,deviled eggs,donuts,dumplings,edamame,"
+    "eggs benedict,escargots,falafel,filet mignon,fish and chips,foie gras,french fries,french onion soup,"
+    "french toast,fried calamari,fried rice,frozen yogurt,garlic bread,gnocchi,greek salad,grilled cheese sandwich,"
+    "grilled salmon,guacamole,gyoza,hamburger,hot and sour soup,hot dog,huevos rancheros,hummus,ice cream,lasagna,"
+    "lobster bisque,lobster roll sandwich,macaroni and cheese,macarons,miso soup,mussels,nachos,omelette,"
+    "onion rings,oysters,pad thai,paella,pancakes,panna cotta,peking duck,pho,pizza,pork chop,poutine,prime rib,"
+    "pulled pork sandwich,ramen,ravioli,red velvet cake,risotto,samosa,sashimi,scallops,seaweed salad,"
+    "shrimp and grits,spaghetti bolognese,spaghetti carbonara,spring rolls,steak,strawberry shortcake,sushi,tacos,"
+    "takoyaki,tiramisu,tuna tartare,waffles"
+).split(",")
+TEMPLATE = "a photo of a {}."
+
+
+@dataclass
+class BenchOptions:
+    model: str = "ViT-B-16"
+    pretrained: str = "none"
+    omega: int | None = None  # None: half the blocks (6 of ViT-B-16's 12)
+    classes: int = 100
+    batch_size: int = 4
+    device: str = "auto"
+    steps: int = 3
+    warmup: int = 1
+    threads: int | None = None  # None: torch's default
+    cache_batch: int = 32
+    store_rows: int = 512
+    r: float = 0.5
+    lam: float = 0.3
+    seed: int = 0
+
+
+def classnames(m: int) -> list[str]:
+    """The 101 Food-101 class names, then `class <i>` for any beyond."""
+    return [FOOD[i] if i < len(FOOD) else f"class {i}" for i in range(m)]
+
+
+# ---- measuring ------------------------------------------------------------------------------
+
+
+def _rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return _maxrss_mib()  # no /proc: the best available stand-in
+
+
+def _maxrss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, steps: int, warmup: int) -> dict:
+    """Run fn warmup + steps times; median seconds of the timed runs and the peak memory."""
+    _sync(device)
+    base = _rss_mib() if device.type == "cpu" else None
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    out = {"step_s": statistics.median(times), "step_times_s": times}
+    if device.type == "cuda":
+        out.update(peak_mib=torch.cuda.max_memory_allocated(device) / 2**20,
+                   memory_method="torch.cuda.max_memory_allocated (after warm-up; weights included)")
+    else:
+        out.update(peak_mib=_maxrss_mib() - base, rss_before_mib=base,
+                   memory_method="CPU: child peak RSS (ru_maxrss) minus RSS before the first step")
+    return out
+
+
+# ---- the configurations ---------------------------------------------------------------------
+
+
+def _sgd(params, lr_groups=None):
+    groups = lr_groups or [{"params": list(params)}]
+    return torch.optim.SGD(groups, lr=2e-5, momentum=0.9, weight_decay=5e-4)
+
+
+def _setup(opts: BenchOptions):
+    from skipcache.model import eot_positions, load_model, tokenizer_for, tower_depths
+    from skipcache.runtime import resolve_device
+
+    device = resolve_device(opts.device)
+    lm = load_model(opts.model, opts.pretrained, seed=opts.seed)
+    n = min(tower_depths(lm.model))
+    omega = n // 2 if opts.omega is None else opts.omega
+    token_ids = tokenizer_for(opts.model)([TEMPLATE.format(c) for c in classnames(opts.classes)])
+    eot = eot_positions(token_ids, lm.model)
+    return device, lm, omega, token_ids, eot
+
+
+def _train(name: str, opts: BenchOptions) -> dict:
+    from skipcache import cskip
+    from skipcache.model import split_model
+
+    device, lm, omega, token_ids, eot = _setup(opts)
+    g = torch.Generator().manual_seed(opts.seed)
+    B, M = opts.batch_size, opts.classes
+    labels = torch.randint(M, (B,), generator=g).to(device)
+    info: dict = {"omega": omega, "prompts": M, "text_tokens": int(token_ids.shape[1])}
+    if name == "FT":
+        model = lm.model.to(device).train()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        images = torch.randn(B, 3, lm.image_size, lm.image_size, generator=g).to(device)
+        ids = token_ids.to(device)
+        opt = _sgd(model.parameters())
+        info["omega"] = 0
+        info["trainable_params"] = sum(p.numel() for p in model.parameters())
+
+        def step():
+            image = F.normalize(model.encode_image(images), dim=-1)
+            text = F.normalize(model.encode_text(ids), dim=-1)
+            loss = F.cross_entropy(model.logit_scale.exp() * image @ text.T, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    else:
+        visual = lm.model.visual
+        grid = visual.grid_size if hasattr(visual, "grid_size") else None
+        lv = int(grid[0] * grid[1]) + 1 if grid else int(visual.positional_embedding.shape[0])
+        dv = int(visual.transformer.width)
+        _, deep = split_model(lm.model, omega, keep_shallow=False)  # the tune stage holds no shallow weights
+        deep.to(device).train()
+        dt = int(deep.text.ln_final.normalized_shape[0])
+        lt = int(eot.max()) + 1 if name != "LSkip" else int(token_ids.shape[1])
+        info.update(text_tokens=lt, vision_tokens=lv, trainable_params=sum(p.numel() for p in deep.parameters()))
+        vision = torch.randn(B, lv, dv, generator=g).to(device)
+        text_tokens = torch.randn(M, lt, dt, generator=g).to(device)
+        text_eot = eot.to(device)
+        groups = deep.layer_groups()
+        opt = _sgd(None, [{"params": groups["vision"], "lr": 5e-6}, {"params": groups["text"], "lr": 2e-5}])
+        skip = cskip.CSkipConfig(r=opts.r, lam=opts.lam) if name == "Skip Tuning" else None
+        cgen = torch.Generator(device=device).manual_seed(opts.seed)
+        unions: list[int] = []
+
+        def step():
+            image = deep.encode_image(vision)
+            if skip is None:
+                text = deep.encode_text(text_tokens, text_eot)
+                loss = F.cross_entropy(deep.logit_scale * image @ text.T, labels)
+            else:  # random zero-shot ranks: a random permutation of the classes per image
+                rank = torch.argsort(torch.rand(B, M, generator=cgen, device=device), dim=1)
+                keep = cskip.sample_keep_mask(rank, labels, skip, cgen)
+                class_ids, mask = cskip.union_and_mask(keep)
+                unions.append(len(class_ids))
+                text = deep.encode_text(text_tokens[class_ids], text_eot[class_ids])
+                target = cskip.target_positions(class_ids, labels)
+                loss = cskip.masked_cross_entropy(deep.logit_scale * image @ text.T, mask, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    info.update(_timed(step, device, opts.steps, opts.warmup))
+    if name == "Skip Tuning":
+        info["mean_union"] = sum(unions) / len(unions)
+        info["expected_kept_per_image"] = cskip.expected_kept(M, skip)
+    return info
+
+
+def _cache(opts: BenchOptions) -> dict:
+    from skipcache.model import split_model
+
+    device, lm, omega, token_ids, _ = _setup(opts)
+    shallow, _ = split_model(lm.model, omega)
+    lm.model.to(device)
+    g = torch.Generator().manual_seed(opts.seed)
+    images = torch.randn(opts.cache_batch, 3, lm.image_size, lm.image_size, generator=g).to(device)
+    ids = token_ids.to(device)
+    vis = _timed(lambda: shallow.vision(images), device, opts.steps, opts.warmup)
+    txt = _timed(lambda: shallow.text(ids, trim=True), device, opts.steps, opts.warmup)
+    return {
+        "omega": omega, "batch": opts.cache_batch, "prompts": opts.classes,
+        "vision_batch_s": vis["step_s"], "images_per_s": opts.cache_batch / vis["step_s"],
+        "text_s": txt["step_s"], "prompts_per_s": opts.classes / txt["step_s"],
+        "ms_per_prompt": 1000 * txt["step_s"] / opts.classes,
+        "peak_mib": max(vis["peak_mib"], txt["peak_mib"]), "memory_method": vis["memory_method"],
+        "step_s": vis["step_s"],
+    }
+
+
+def _store(opts: BenchOptions) -> dict:
+    from skipcache.model import config_of
+    from skipcache.store import FeatureStore, SplitSpec
+
+    vc = config_of(opts.model)["vision_cfg"]
+    lv, dv, n = (vc["image_size"] // vc["patch_size"]) ** 2 + 1, vc["width"], opts.store_rows
+    m, rows_per_shard = 4, 64
+    tmp = Path(tempfile.mkdtemp(prefix="skipcache-bench-"))
+    try:
+        spec = SplitSpec("train", n, 1, list(range(m)), (lv, dv))
+        store = FeatureStore.create_or_resume(tmp / "bench.zarr", {"bench": True}, text_shape=(m, 4, 8), embed_dim=8,
+                                              splits=[spec], storage_dtype="float16", rows_per_shard=rows_per_shard)
+        g = torch.Generator().manual_seed(opts.seed)
+        store.write_text(torch.zeros(m, 4, 8), torch.full((m,), 3), torch.zeros(m, 8), [str(i) for i in range(m)], "{}")
+        t0 = time.perf_counter()
+        for shard in range(store.n_shards("train")):
+            rows = store.shard_rows("train", shard)
+            store.write_shard("train", shard, vision=torch.randn(1, len(rows), lv, dv, generator=g).half(),
+                              labels=torch.zeros(len(rows), dtype=torch.long), zeroshot_logits=torch.zeros(len(rows), m),
+                              zeroshot_rank=torch.arange(m).expand(len(rows), m), source_ids=[str(r) for r in rows])
+        write_s = time.perf_counter() - t0
+        store.finalize()
+        store = FeatureStore.open(tmp / "bench.zarr")
+
+        def epoch():
+            for batch in store.iter_batches("train", opts.batch_size, shuffle=True, dtype=torch.float32):
+                batch["vision"].sum()
+
+        res = _timed(epoch, torch.device("cpu"), opts.steps, opts.warmup)
+        mib = n * lv * dv * 2 / 2**20
+        return {"rows": n, "vision_shape": [lv, dv], "dtype": "float16", "batch": opts.batch_size,
+                "epoch_s": res["step_s"], "step_s": res["step_s"], "rows_per_s": n / res["step_s"],
+                "mib_per_s": mib / res["step_s"], "data_mib": mib, "write_s": write_s,
+                "disk_mib": store.disk_size_mib(), "peak_mib": res["peak_mib"], "memory_method": res["memory_method"]}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_config(name: str, opts: BenchOptions) -> dict:
+    """Measure one configuration in this process (the child's body)."""
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    out = _cache(opts) if name == "cache" else _store(opts) if name == "store" else _train(name, opts)
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+def _child(name: str, opts: dict, q) -> None:
+    try:
+        q.put({"ok": run_config(name, BenchOptions(**opts))})
+    except BaseException as exc:  # report anything, including MemoryError, to the parent
+        q.put({"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+
+
+def run_in_child(name: str, opts: BenchOptions) -> dict:
+    """Measure one configuration in a fresh spawned process; {"error": ...} if it failed."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(name, asdict(opts), q), daemon=True)
+    started = time.perf_counter()
+    proc.start()
+    result = None
+    while result is None:
+        try:
+            result = q.get(timeout=1.0)
+        except queue.Empty:
+            if not proc.is_alive():
+                try:
+                    result = q.get(timeout=1.0)
+                except queue.Empty:
+                    result = {"error": f"child process died with exit code {proc.exitcode} (killed for memory?)"}
+    proc.join()
+    out = result.get("ok", result)
+    out["wall_s"] = time.perf_counter() - started
+    return out
