@@ -17,6 +17,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from skipcache.errors import SkipcacheError
@@ -44,7 +45,8 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SkipcacheError as exc:
-            err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+            # The message is plain text: escape it, or rich eats `[...]` in it as markup.
+            err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted: completed shards/epochs are kept; rerun the same command (tune: add --resume) to continue")
@@ -169,6 +171,7 @@ def tune(
 @handle_errors
 def eval_(
     run_dir: Path = typer.Argument(..., help="Run directory of `skipcache tune`."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Evaluate on another store (same model, weights, omega): cross-dataset or domain shift."),
     device: str = DeviceOpt,
     batch_size: int = typer.Option(256, "--batch-size"),
     workers: int = typer.Option(0, "--workers", help="Unused: evaluation reads the store."),
@@ -177,7 +180,7 @@ def eval_(
     """Accuracy on the cached test splits: base, new and H (percent), next to zero-shot."""
     from skipcache.stages.evaluate import run_eval
 
-    result = run_eval(run_dir, device=device, batch_size=batch_size)
+    result = run_eval(run_dir, store=store, device=device, batch_size=batch_size)
     if as_json:
         return _print_json(result.to_json())
     keys = [k for k in ("base", "new", "H", "all") if k in result.accuracy]
@@ -230,7 +233,7 @@ def verify(store: Path = typer.Argument(..., help="Store path.")):
     problems = FeatureStore.open(store, allow_incomplete=True).verify()
     if problems:
         for p in problems:
-            err.print(p, highlight=False, soft_wrap=True)
+            err.print(p, markup=False, highlight=False, soft_wrap=True)
         raise CorruptStore(f"{len(problems)} problem(s) in {store}; rebuild with `skipcache cache ... --force`")
     out.print(f"ok: {store}")
 
@@ -298,6 +301,7 @@ def datasets(as_json: bool = JsonOpt):
 def run(
     pipeline: Path = typer.Argument(..., help="Pipeline file (see pipelines/)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: runs/pipelines/<name>-<time>)."),
+    override: list[str] = typer.Option([], "--set", help="Override a field: cache.dataset=dtd, method.1.epochs=20 (repeatable)."),
     root: Optional[Path] = RootOpt,
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
@@ -305,12 +309,12 @@ def run(
     """Run a declarative pipeline: one store, several methods, one result table."""
     from skipcache.pipeline import METRICS, run_pipeline
 
-    result = run_pipeline(pipeline, out=out_dir, device=device, root=root, progress=not as_json,
-                          log=(lambda *a: None) if as_json else (lambda msg: err.print(msg, highlight=False)))
+    result = run_pipeline(pipeline, out=out_dir, device=device, root=root, overrides=override, progress=not as_json,
+                          log=(lambda *a: None) if as_json else (lambda msg: err.print(msg, markup=False, highlight=False)))
     if as_json:
         return _print_json(result)
     rows = result["rows"]
-    keys = [k for k in METRICS if any(k in r for r in rows)]
+    keys = [k for k in METRICS if any(k in r for r in rows)] + result.get("targets", [])
     table = _table(f"{result['pipeline']}: top-1 accuracy (%), tune time and peak memory", ["method", *keys, "tune s", "step ms", "peak MiB"],
                    [[r["method"], *[r.get(k, float("nan")) for k in keys], r["tune_s"], r["step_ms"], r["peak_mib"]] for r in rows])
     out.print(table)

@@ -67,10 +67,13 @@ def render(results: dict, meta: dict) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)
     ft = results.get("FT", {}).get("step_s")
     t = Table(title=f"{meta['options']['model']} · {meta['device_name']} · M={meta['options']['classes']} prompts, "
                     f"batch {meta['options']['batch_size']}")
-    for col in ("config", "step s (median)", "speed-up vs FT", "peak MiB", "notes", "memory method"):
+    t.caption = "peak MiB: " + next((r["memory_method"] for r in results.values() if "memory_method" in r), "-")
+    for col in ("config", "step s (median)", "speed-up vs FT", "peak MiB", "method", "notes"):
         t.add_column(col, justify="right" if col[0] in "sp" else "left")
     for name in TRAIN_CONFIGS:
         r = results.get(name)
@@ -82,8 +85,9 @@ def render(results: dict, meta: dict) -> None:
         notes = f"ω={r['omega']}, text {r['text_tokens']} tok"
         if "mean_union" in r:
             notes += f", union {r['mean_union']:.1f}/{r['prompts']}"
+        method = "cuda max allocated" if r["memory_method"].startswith("torch.cuda") else "RSS peak − start"
         t.add_row(name, f"{r['step_s']:.3f}", f"{ft / r['step_s']:.2f}×" if ft else "-", f"{r['peak_mib']:.0f}",
-                  notes, r["memory_method"])
+                  method, notes)
     console.print(t)
     if "cache" in results and "error" not in results["cache"]:
         c = results["cache"]

@@ -60,12 +60,26 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
     return json.loads((run_dir / "config.json").read_text()), json.loads((run_dir / "run.json").read_text())
 
 
+def check_compatible(run: dict, store: FeatureStore) -> None:
+    """A run can be evaluated on another store (cross-dataset, domain shift) only if that store
+    was cached with the same model, weights and omega: the tuned deep layers expect its tokens."""
+    trained = run["store_key"]
+    for field in ("model", "weights_hash", "omega"):
+        if store.key.get(field) != trained.get(field):
+            raise RunError(
+                f"store {store.path} was cached with {field}={store.key.get(field)!r}, the run trained on "
+                f"{field}={trained.get(field)!r}; cache the target with the run's model, weights and --omega")
+
+
 def load_run_model(run_dir: Path, device: torch.device, store: FeatureStore | None = None) -> tuple[DeepCLIP, FeatureStore]:
-    """The tuned deep model of a run and the store it was trained on."""
+    """The tuned deep model of a run, and the store to evaluate (default: the one it trained on)."""
     config, run = read_run(run_dir)
-    store = store or FeatureStore.open(Path(run["store"]))
-    if store.key_hash != run["store_key_hash"]:
-        raise RunError(f"store {store.path} is not the one run {run_dir} trained on; rebuild it with the same `skipcache cache` arguments")
+    if store is None:
+        store = FeatureStore.open(Path(run["store"]))
+        if store.key_hash != run["store_key_hash"]:
+            raise RunError(f"store {store.path} is not the one run {run_dir} trained on; rebuild it with the same `skipcache cache` arguments")
+    else:
+        check_compatible(run, store)
     deep = load_deep_model(store, device, config.get("pretrained"))
     deep.load_deep_state_dict(load_file(str(Path(run_dir) / "deep.safetensors")))
     return deep.eval(), store
@@ -97,10 +111,13 @@ def _per_class(pred: torch.Tensor, labels: torch.Tensor, names: list[str]) -> di
     return out
 
 
-def run_eval(run_dir: Path, *, device: str = "auto", batch_size: int = 256) -> EvalResult:
-    """Evaluate a finished run on every test split of its store; also writes `eval.json` in the run."""
+def run_eval(run_dir: Path, *, store: Path | None = None, device: str = "auto", batch_size: int = 256) -> EvalResult:
+    """Evaluate a finished run on every test split of its store, or of another compatible `store`
+    (same model, weights and omega: a cross-dataset or shifted-domain target). Writes `eval.json`
+    in the run (`eval-<dataset>-<keyhash>.json` for another store)."""
     dev = resolve_device(device)
-    deep, store = load_run_model(Path(run_dir), dev)
+    target = FeatureStore.open(Path(store)) if store is not None else None
+    deep, store = load_run_model(Path(run_dir), dev, target)
     classnames = store.read_text()["classnames"]
     acc, zs, per_class, n = {}, {}, {}, {}
     for split, alias in SPLIT_ALIASES.items():
@@ -120,5 +137,6 @@ def run_eval(run_dir: Path, *, device: str = "auto", batch_size: int = 256) -> E
         if "base" in d and "new" in d:
             d["H"] = round(harmonic_mean(d["base"], d["new"]), 4)
     result = EvalResult(accuracy=acc, zeroshot=zs, per_class=per_class, n=n)
-    write_json_atomic(Path(run_dir) / "eval.json", result.to_json())
+    name = "eval.json" if target is None else f"eval-{store.key['dataset']}-{store.key_hash}.json"
+    write_json_atomic(Path(run_dir) / name, result.to_json())
     return result
