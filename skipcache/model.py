@@ -19,9 +19,11 @@ plain key update of the pretrained state dict.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,13 +139,18 @@ def load_model(name: str, pretrained: str = "none", *, seed: int = 0) -> LoadedM
             raise ModelError(f"no pretrained weights {pretrained!r} for {name}; known tags: {', '.join(known) or 'none'}; or pass a local file")
         label, weights_hash = pretrained, f"open_clip:{name}:{pretrained}"
         create_kwargs["pretrained"] = pretrained
+    if "pretrained" in create_kwargs and not Path(str(create_kwargs["pretrained"])).exists() and not _hub_reachable():
+        # No network: let huggingface_hub look in its local cache only, instead of retrying for minutes.
+        create_kwargs["_offline"] = True
+    offline = create_kwargs.pop("_offline", False)
     torch.manual_seed(seed)
     root_logger = logging.getLogger()
     level = root_logger.level
     if "pretrained" not in create_kwargs:  # open_clip warns that a random init is random; we know
         root_logger.setLevel(logging.ERROR)
     try:
-        model = open_clip.create_model(name, **create_kwargs)
+        with _hub_offline(offline):
+            model = open_clip.create_model(name, **create_kwargs)
     except (RuntimeError, OSError, ValueError) as exc:  # download failures, bad files
         if create_kwargs.get("pretrained") and not Path(str(create_kwargs["pretrained"])).exists():
             raise ModelError(
@@ -165,6 +172,37 @@ def load_model(name: str, pretrained: str = "none", *, seed: int = 0) -> LoadedM
     mean = tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
     return LoadedModel(model, name, str(pretrained), label.replace("/", "_"), weights_hash, int(size), mean, std)
+
+
+def _hub_reachable(host: str = "huggingface.co", port: int = 443, timeout_s: float = 3.0) -> bool:
+    """Whether the weights hub answers a TCP connect within `timeout_s` (False offline)."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(enabled: bool):
+    """Put huggingface_hub in offline mode (cache only) for the duration, when `enabled`."""
+    if not enabled:
+        yield
+        return
+    import huggingface_hub.constants as hub
+
+    before, env_before = hub.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    hub.HF_HUB_OFFLINE, os.environ["HF_HUB_OFFLINE"] = True, "1"
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+        if env_before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = env_before
 
 
 def _file_sha256_dir(path: Path) -> str:

@@ -59,6 +59,7 @@ def machine(opts: BenchOptions) -> dict:
     dev = resolve_device(opts.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
     return {"date_utc": utc_now(), "device": str(dev), "device_name": name, "python": platform.python_version(),
+            "load_average_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "torch_default_threads": torch.get_num_threads(), "versions": library_versions()}
 
 

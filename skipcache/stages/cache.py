@@ -183,10 +183,10 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     cfg.validate()
     started = time.perf_counter()
     device = resolve_device(cfg.device)
+    lm = load_model(cfg.model, cfg.pretrained, seed=cfg.seed)  # first: a missing download fails fast
     dataset = get_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
     task = build_task(dataset, shots=cfg.shots or None, seed=cfg.seed, classes=cfg.classes)
     template = cfg.template or task.templates[0]
-    lm = load_model(cfg.model, cfg.pretrained, seed=cfg.seed)
     shallow, deep = split_model(lm.model, cfg.omega)
     lm.model.to(device)
     key = build_key(cfg, lm, task, template)
