@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 
 from skipcache.data import Task, build_task, get_dataset, load_image
+from skipcache.data.registry import get_registry
 from skipcache.errors import ConfigError
 from skipcache.model import LoadedModel, load_model, split_model, tokenizer_for
 from skipcache.progress import make_progress
@@ -183,8 +184,12 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     cfg.validate()
     started = time.perf_counter()
     device = resolve_device(cfg.device)
-    lm = load_model(cfg.model, cfg.pretrained, seed=cfg.seed)  # first: a missing download fails fast
-    dataset = get_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
+    # Fail fast: listing a file dataset (or rejecting an unknown name) is cheap, so it goes first;
+    # rendering a procedural dataset is not, so the model (and a failed download) goes before it.
+    info = get_registry().get(cfg.dataset)
+    dataset = get_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options) if info is None or info.needs_root else None
+    lm = load_model(cfg.model, cfg.pretrained, seed=cfg.seed)
+    dataset = dataset or get_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
     task = build_task(dataset, shots=cfg.shots or None, seed=cfg.seed, classes=cfg.classes)
     template = cfg.template or task.templates[0]
     shallow, deep = split_model(lm.model, cfg.omega)
