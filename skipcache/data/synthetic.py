@@ -11,7 +11,8 @@ from skipcache.data.base import Dataset, Example
 from skipcache.errors import ConfigError
 
 # The default prompt comes first (it is what the cache stage encodes); the rest are caption
-# forms the shipped model saw in pretraining, for prompt ensembles.
+# forms the shipped model saw in pretraining, for prompt ensembles. A task may bring its own
+# (`TaskSpec.templates`), when its class names read better in another caption form.
 SYNTHETIC_TEMPLATES = ["a photo of a {}.", "{}", "a {}.", "an image of a {}.", "a picture of a {}."]
 
 
@@ -29,7 +30,7 @@ def load_synthetic(
 
     Args:
         task: a key of `skipcache.synthworld.tasks.TASKS` ("synthetic", "synthetic-sketch"...).
-        num_classes: keep the first k of the 100 classes; all when None.
+        num_classes: keep the first k of the task's classes; all when None.
         train_per_class: training images per class (a few-shot protocol samples from these).
         val_per_class: validation images per class.
         test_per_class: test images per class.
@@ -70,4 +71,5 @@ def load_synthetic(
         "per_class": counts,
         "domain": TASKS[task].domain,
     }
-    return Dataset(task, classnames, list(SYNTHETIC_TEMPLATES), splits, extra)
+    templates = list(TASKS[task].templates or SYNTHETIC_TEMPLATES)
+    return Dataset(task, classnames, templates, splits, extra)

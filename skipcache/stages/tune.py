@@ -226,7 +226,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
             raise RunError(f"checkpoint in {out} was trained on another store ({state['store_key_hash']}); use a new --out")
         deep.load_deep_state_dict(state["deep"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
+        generator.set_state(state["generator"].cpu())  # RNG states are CPU byte tensors, whatever the device
         start_epoch, history = state["epoch"], state["history"]
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
