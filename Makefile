@@ -26,7 +26,7 @@ demo: install            ## cache -> tune -> eval on the built-in synthetic base
 	$(VENV)/bin/skipcache run pipelines/demo.toml
 
 benchmark: install       ## time and memory: FT vs LSkip vs LSkip+CSkip, cache stage, store reads
-	$(VENV)/bin/skipcache run pipelines/benchmark.toml
+	$(PY) -m skipcache.bench --model ViT-B-16 --out build/benchmark.json
 
 tiny-clip: install       ## re-pretrain the shipped synth-vit weights from scratch (GPU: ~8 min)
 	$(PY) -m skipcache.synthworld.pretrain --out build/tiny-clip --minutes 8

@@ -38,6 +38,7 @@ from skipcache.stages.tune import TuneConfig
 from skipcache.store import FeatureStore
 
 METRICS = ("base", "new", "H", "all")
+TOP_LEVEL_FIELDS = {"name", "description", "cache", "target", "method"}
 
 
 def apply_overrides(spec: dict, overrides: list[str]) -> dict:
@@ -74,6 +75,9 @@ def load_pipeline(path: Path, overrides: list[str] = ()) -> dict:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"pipeline {path} is not valid TOML: {exc}") from None
     spec = apply_overrides(spec, list(overrides))
+    bad = set(spec) - TOP_LEVEL_FIELDS
+    if bad:
+        raise ConfigError(f"pipeline {path}: unknown top-level field(s) {sorted(bad)}; allowed: {sorted(TOP_LEVEL_FIELDS)}")
     cache_fields = {f.name for f in fields(CacheConfig)}
     tune_fields = {f.name for f in fields(TuneConfig)} | {"name", "kind", "omega", "shots"}
     bad = set(spec.get("cache", {})) - cache_fields
@@ -85,7 +89,13 @@ def load_pipeline(path: Path, overrides: list[str] = ()) -> dict:
     methods = spec.get("method", [])
     if not methods:
         raise ConfigError(f"pipeline {path} has no [[method]] tables")
-    for m in methods:
+    seen: set = set()
+    for i, m in enumerate(methods):
+        if not isinstance(m.get("name"), str) or not m["name"]:
+            raise ConfigError(f"pipeline {path}: every [[method]] needs a name; method {i} has none")
+        if m["name"] in seen:  # names label rows and name run folders: a repeat would collide
+            raise ConfigError(f"pipeline {path}: method name {m['name']!r} is used twice; names label rows and run folders")
+        seen.add(m["name"])
         if m.get("kind") not in ("zeroshot", "tune"):
             raise ConfigError(f"pipeline {path}: method {m.get('name')!r} has kind {m.get('kind')!r}; use zeroshot or tune")
         bad = set(m) - tune_fields

@@ -28,7 +28,7 @@ from skipcache.synthworld.captions import colour_shape_classnames, position_phra
 from skipcache.synthworld.render import COLOURS, SHAPES, TEXTURES, Scenes, render, sample_scenes
 
 # Bump when a change to render.py, sampling or this module changes any pixel of a split.
-RENDER_VERSION = 1
+RENDER_VERSION = 2  # 2: every (task, split, seed) gets its own generator seed
 SPLITS = ("train", "val", "test")
 _CHUNK = 512  # scenes rendered at once; bounds peak memory (~50 MB of float32 at 48 px)
 
@@ -135,9 +135,6 @@ class TaskSpec:
         classes: key of `CLASS_SETS`.
         templates: prompt templates (one `{}` for the class name), the default first; empty for
             `skipcache.data.synthetic.SYNTHETIC_TEMPLATES`.
-        seeding: how (task, split, seed) becomes a generator seed: 1 is `split_seed` (kept for
-            the colour-shape tasks' bytes; torch keeps only its low 32 bits, so some splits of a
-            task share a generator seed), 2 is `split_seed32` (distinct per task and split).
     """
 
     name: str
@@ -145,7 +142,6 @@ class TaskSpec:
     description: str
     classes: str = "colour-shape"
     templates: tuple[str, ...] = ()
-    seeding: int = 1
 
     def classnames(self) -> list[str]:
         """The task's classes in label order."""
@@ -161,30 +157,25 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("synthetic-noise", "noise", "the synthetic classes under heavy pixel noise"),
         TaskSpec("synthetic-palette", "palette", "the synthetic classes on unusual palettes with colour casts"),
         TaskSpec("synthetic-textures", "shifted", "40 texture-shape classes (striped star...); any colour",
-                 classes="texture-shape", seeding=2),
+                 classes="texture-shape"),
         TaskSpec("synthetic-sizes", "shifted", "30 size-shape classes (small star, medium star, large star); any colour",
-                 classes="size-shape", seeding=2),
+                 classes="size-shape"),
         TaskSpec("synthetic-positions", "shifted", "90 shape-position classes (star in the top left...); any colour",
-                 classes="position-shape", seeding=2,
+                 classes="position-shape",
                  templates=("an image of a {}.", "there is a {}.", "a photo of a {}.", "{}")),
-        TaskSpec("synthetic-shapes", "shifted", "10 shape classes; any colour", classes="shape", seeding=2),
-        TaskSpec("synthetic-colours", "shifted", "10 colour classes; any shape", classes="colour", seeding=2,
+        TaskSpec("synthetic-shapes", "shifted", "10 shape classes; any colour", classes="shape"),
+        TaskSpec("synthetic-colours", "shifted", "10 colour classes; any shape", classes="colour",
                  templates=("a photo of a {} shape.", "a {} shape.", "the shape is {}.", "{}")),
     ]
 }
 
 
 def split_seed(task: str, split: str, seed: int) -> int:
-    """A stable 63-bit generator seed for (task, split, seed) (crc32, never Python's hash()).
+    """A stable 32-bit generator seed that differs for every (task, split, seed) (sha256).
 
-    torch's CPU generator keeps only the low 32 bits of a seed, where the task and split leave a
-    single bit: tasks with `seeding=1` use it unchanged so that their splits keep their bytes.
+    32 bits because torch's CPU generator keeps only the low 32 bits of a seed: a wider hash
+    would let different splits collide on the same stream (train images reappearing in test).
     """
-    return (zlib.crc32(f"{task}/{split}".encode()) << 31) ^ (seed & 0x7FFFFFFF)
-
-
-def split_seed32(task: str, split: str, seed: int) -> int:
-    """A stable 32-bit generator seed that differs for every (task, split, seed) (sha256)."""
     return int.from_bytes(hashlib.sha256(f"{task}/{split}/{seed}".encode()).digest()[:4], "little")
 
 
@@ -210,8 +201,7 @@ def make_scenes(task: str, split: str, n_per_class: int, seed: int,
     if n_per_class < 1:
         raise ValueError(f"n_per_class must be at least 1, got {n_per_class}")
     labels = torch.arange(k).repeat_interleave(n_per_class)  # (N,)
-    seed_fn = split_seed32 if spec.seeding == 2 else split_seed
-    generator = torch.Generator().manual_seed(seed_fn(task, split, seed))
+    generator = torch.Generator().manual_seed(split_seed(task, split, seed))
     scenes = CLASS_SETS[spec.classes].sampler(labels, generator, spec.domain)
     return scenes, labels, classnames[:k]
 

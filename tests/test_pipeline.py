@@ -1,0 +1,201 @@
+"""Declarative pipelines: a bad file fails early with a message naming the problem; a tiny one runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from skipcache.cli import app
+from skipcache.errors import ConfigError
+from skipcache.pipeline import load_pipeline, run_pipeline
+from skipcache.stages.cache import CacheConfig
+from skipcache.store import FeatureStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_CACHE = """
+[cache]
+dataset = "synthetic"
+dataset_options = { num_classes = 6 }
+model = "tiny"
+pretrained = "none"
+omega = 3
+shots = 2
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------------ bad files
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(tmp_path / "nope.toml")
+    assert str(info.value) == f"pipeline file not found: {tmp_path / 'nope.toml'}; see pipelines/ for examples"
+
+
+def test_invalid_toml(tmp_path):
+    path = write(tmp_path, "[cache\nmodel = 1\n")
+    with pytest.raises(ConfigError, match=r"^pipeline .*p\.toml is not valid TOML: "):
+        load_pipeline(path)
+
+
+def test_unknown_cache_field(tmp_path):
+    path = write(tmp_path, TINY_CACHE + 'epochs = 3\n[[method]]\nname = "zs"\nkind = "zeroshot"\n')
+    allowed = sorted(f.name for f in fields(CacheConfig))
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    assert str(info.value) == f"pipeline {path}: unknown [cache] field(s) ['epochs']; allowed: {allowed}"
+
+
+def test_unknown_method_field(tmp_path):
+    path = write(tmp_path, TINY_CACHE + '[[method]]\nname = "FT"\nkind = "tune"\nepoch = 3\nlearning_rate = 1\n')
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    assert str(info.value) == f"pipeline {path}: method 'FT' has unknown field(s) ['epoch', 'learning_rate']"
+
+
+def test_no_methods(tmp_path):
+    path = write(tmp_path, TINY_CACHE)
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    assert str(info.value) == f"pipeline {path} has no [[method]] tables"
+    # A misspelt table name is named as such.
+    path = write(tmp_path, TINY_CACHE + '[[methods]]\nname = "zs"\nkind = "zeroshot"\n')
+    with pytest.raises(ConfigError, match=r"unknown top-level field\(s\) \['methods'\]"):
+        load_pipeline(path)
+
+
+@pytest.mark.parametrize("kind_line, shown", [('kind = "finetune"', "'finetune'"), ("", "None")])
+def test_bad_kind(tmp_path, kind_line, shown):
+    path = write(tmp_path, TINY_CACHE + f'[[method]]\nname = "x"\n{kind_line}\n')
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    assert str(info.value) == f"pipeline {path}: method 'x' has kind {shown}; use zeroshot or tune"
+
+
+def test_bad_target(tmp_path):
+    path = write(tmp_path, TINY_CACHE + '[[target]]\nname = "t"\n[[method]]\nname = "zs"\nkind = "zeroshot"\n')
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    assert str(info.value) == (f"pipeline {path}: a [[target]] needs `dataset` and allows only name, dataset_options; "
+                               "got ['name']")
+
+
+def test_method_without_a_name(tmp_path):
+    # The name labels the row and names the run folder; without one, running used to crash (KeyError).
+    path = write(tmp_path, TINY_CACHE + '[[method]]\nkind = "zeroshot"\n')
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    assert str(info.value) == f"pipeline {path}: every [[method]] needs a name; method 0 has none"
+
+
+def test_duplicate_method_names(tmp_path):
+    # Two methods with one name would share a run folder: the second tune would fail after the first ran.
+    path = write(tmp_path, TINY_CACHE + '[[method]]\nname = "a"\nkind = "tune"\n[[method]]\nname = "a"\nkind = "tune"\n')
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    assert str(info.value) == f"pipeline {path}: method name 'a' is used twice; names label rows and run folders"
+
+
+def test_unknown_top_level_table(tmp_path):
+    # A misspelt [cache] table must not silently fall back to the defaults (ViT-B-16, openai weights).
+    path = write(tmp_path, TINY_CACHE.replace("[cache]", "[cahce]") + '[[method]]\nname = "zs"\nkind = "zeroshot"\n')
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    assert str(info.value) == (f"pipeline {path}: unknown top-level field(s) ['cahce']; "
+                               "allowed: ['cache', 'description', 'method', 'name', 'target']")
+
+
+def test_malformed_override(tmp_path):
+    path = write(tmp_path, TINY_CACHE + '[[method]]\nname = "zs"\nkind = "zeroshot"\n')
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path, ["epochs=3"])
+    assert str(info.value) == "override 'epochs=3' is not SECTION.KEY=VALUE; e.g. --set cache.dataset=dtd"
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path, ["method.4.epochs=3"])
+    assert str(info.value) == "override 'method.4.epochs=3': no item 4 (there are 1)"
+    assert load_pipeline(path, ["cache.omega=2", "method.0.name='zero'"])["cache"]["omega"] == 2
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "pipelines").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_pipelines_load(path):
+    spec = load_pipeline(path)
+    assert spec["method"]
+
+
+def test_cli_run_reports_a_bad_pipeline_in_one_line(tmp_path):
+    path = write(tmp_path, TINY_CACHE)
+    result = CliRunner().invoke(app, ["run", str(path), "--device", "cpu"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.stderr.splitlines() == [f"error: pipeline {path} has no [[method]] tables"]
+
+
+# ------------------------------------------------------------------------------------ a tiny run
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_runs_and_reports_every_method(tmp_path):
+    from skipcache.stages.evaluate import harmonic_mean
+
+    path = write(tmp_path, 'name = "tiny"\n' + TINY_CACHE + """
+[[method]]
+name = "zero-shot"
+kind = "zeroshot"
+
+[[method]]
+name = "Skip Tuning"
+kind = "tune"
+epochs = 1
+batch_size = 4
+warmup_epochs = 0
+""")
+    logged = []
+    result = run_pipeline(path, out=tmp_path / "out", device="cpu", root=tmp_path / "store", progress=False,
+                          log=logged.append)
+    assert result["pipeline"] == "tiny" and result["out"] == str(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved == {k: v for k, v in result.items() if k != "out"}
+    assert len(result["stores"]) == 1 and logged
+
+    zs, tuned = result["rows"]
+    assert set(zs) == {"method", "base", "new", "H", "tune_s", "step_ms", "peak_mib"}
+    assert set(tuned) == {"method", "base", "new", "H", "tune_s", "step_ms", "peak_mib", "memory_method", "run_dir"}
+    assert (zs["method"], tuned["method"]) == ("zero-shot", "Skip Tuning")
+    assert zs["tune_s"] == zs["step_ms"] == zs["peak_mib"] == 0.0
+    assert tuned["tune_s"] > 0 and tuned["step_ms"] > 0 and tuned["peak_mib"] > 0
+    assert Path(tuned["run_dir"]) == tmp_path / "out" / "Skip_Tuning"
+
+    # Zero-shot accuracy from the store's logits, computed here.
+    store = FeatureStore.open(Path(result["stores"][0]))
+    for split, alias in (("test_base", "base"), ("test_new", "new")):
+        data = store.read_split(split, include_vision=False)
+        expected = 100.0 * (data["zeroshot_logits"].argmax(1) == data["labels"]).float().mean().item()
+        assert zs[alias] == pytest.approx(expected)
+    # The tuned row: the run's deep weights on the cached test tokens, computed here.
+    from safetensors.torch import load_file
+
+    from skipcache.stages.tune import load_deep_model
+
+    deep = load_deep_model(store, torch.device("cpu"))
+    deep.load_deep_state_dict(load_file(Path(tuned["run_dir"]) / "deep.safetensors"))
+    text = store.read_text()
+    with torch.no_grad():
+        for split, alias in (("test_base", "base"), ("test_new", "new")):
+            data = store.read_split(split)
+            classes = torch.as_tensor(store.splits[split].classes)
+            txt = deep.encode_text(text["tokens"][classes], text["eot"][classes])
+            pred = (deep.encode_image(data["vision"][0]) @ txt.T).argmax(1)
+            assert tuned[alias] == pytest.approx(100.0 * (pred == data["labels"]).float().mean().item(), abs=1e-3)
+    for row in (zs, tuned):
+        assert row["H"] == pytest.approx(harmonic_mean(row["base"], row["new"]), abs=1e-3)

@@ -1,0 +1,134 @@
+"""The synthetic tasks whose class sets differ from the 100 colour-shape classes (cross-dataset)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import fields
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from skipcache.data import get_dataset, list_datasets
+from skipcache.data.synthetic import SYNTHETIC_TEMPLATES, load_synthetic
+from skipcache.model import BUILTIN_WEIGHTS, WEIGHTS_DIR, tokenizer_for
+from skipcache.synthworld.captions import caption_vocabulary, position_phrase, size_word
+from skipcache.synthworld.render import COLOURS, SHAPES, TEXTURES
+from skipcache.synthworld.tasks import TASKS, make_scenes, make_split
+from skipcache.synthworld.weights import KEPT_IDS_KEY
+
+NEW_TASKS = {  # task -> number of classes
+    "synthetic-textures": 40,
+    "synthetic-sizes": 30,
+    "synthetic-positions": 90,
+    "synthetic-shapes": 10,
+    "synthetic-colours": 10,
+}
+# sha256 prefix of every scene attribute of make_scenes(task, "train", 2, 0): the colour-shape
+# tasks' data must never change without a RENDER_VERSION bump.
+TASK_SCENES_V2 = {  # golden: change only with a RENDER_VERSION bump
+    "synthetic": "f7d38e1975f9bc5b",
+    "synthetic-plain": "04ea909f6a8f705c",
+    "synthetic-sketch": "bc20bf9350dd1078",
+    "synthetic-noise": "b8e586bed9215796",
+    "synthetic-palette": "474c9c77d5ecbfc0",
+}
+
+
+def _templates(task: str) -> list[str]:
+    return list(TASKS[task].templates or SYNTHETIC_TEMPLATES)
+
+
+def test_registry_lists_the_new_tasks():
+    infos = {info.name: info for info in list_datasets()}
+    for task in NEW_TASKS:
+        assert task in infos and not infos[task].needs_root
+        assert infos[task].description == TASKS[task].description != ""
+
+
+@pytest.mark.parametrize("task", sorted(NEW_TASKS))
+def test_class_counts_and_names(task):
+    names = TASKS[task].classnames()
+    assert len(names) == NEW_TASKS[task] and len(set(names)) == len(names)
+    assert names != TASKS["synthetic"].classnames()[: len(names)]
+
+
+@pytest.mark.parametrize("task", sorted(NEW_TASKS))
+def test_make_split_labels_and_determinism(task):
+    k = NEW_TASKS[task]
+    images, labels, names = make_split(task, "train", 1, seed=0, size=24)
+    assert images.shape == (k, 24, 24, 3) and images.dtype == np.uint8
+    assert labels.dtype == np.int64 and labels.tolist() == list(range(k))
+    assert names == TASKS[task].classnames()
+    few, few_labels, few_names = make_split(task, "train", 2, seed=0, size=24, num_classes=5)
+    assert few.shape[0] == 10 and few_labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] and few_names == names[:5]
+    again, _, _ = make_split(task, "train", 2, seed=0, size=24, num_classes=5)
+    assert again.tobytes() == few.tobytes()
+    # Every split and seed draws its own images (no two share a generator seed).
+    for split, seed in (("val", 0), ("test", 0), ("train", 1)):
+        assert not np.array_equal(make_split(task, split, 2, seed=seed, size=24, num_classes=5)[0], few)
+    with pytest.raises(ValueError, match="num_classes"):
+        make_split(task, "test", 1, 0, num_classes=k + 1)
+
+
+def test_scenes_show_what_the_class_names_say():
+    sc, labels, names = make_scenes("synthetic-textures", "test", 3, 0)
+    assert all(names[y].split() == [TEXTURES[t], SHAPES[s]]
+               for y, t, s in zip(labels.tolist(), sc.texture.tolist(), sc.shape.tolist()))
+    assert (sc.style == 0).all()
+
+    sc, labels, names = make_scenes("synthetic-sizes", "test", 5, 0)
+    assert all(names[y] == f"{size_word(z)} {SHAPES[s]}"
+               for y, z, s in zip(labels.tolist(), sc.size.tolist(), sc.shape.tolist()))
+    assert ((sc.cx.abs() + sc.size <= 0.95 + 1e-6) & (sc.cy.abs() + sc.size <= 0.95 + 1e-6)).all()
+
+    sc, labels, names = make_scenes("synthetic-positions", "test", 5, 0)
+    assert all(names[y] == f"{SHAPES[s]} {position_phrase(x, yy)}"
+               for y, s, x, yy in zip(labels.tolist(), sc.shape.tolist(), sc.cx.tolist(), sc.cy.tolist()))
+    assert ((sc.cx.abs() + sc.size <= 1.0) & (sc.cy.abs() + sc.size <= 1.0)).all()
+
+    sc, labels, names = make_scenes("synthetic-shapes", "test", 20, 0)
+    assert [names[y] for y in labels.tolist()] == [SHAPES[s] for s in sc.shape.tolist()]
+    assert len(set(sc.colour.tolist())) == len(COLOURS)  # colours vary within the task
+
+    sc, labels, names = make_scenes("synthetic-colours", "test", 20, 0)
+    assert [names[y] for y in labels.tolist()] == [COLOURS[c] for c in sc.colour.tolist()]
+    assert len(set(sc.shape.tolist())) == len(SHAPES)
+
+
+def test_class_names_and_prompts_use_only_the_pretraining_vocabulary():
+    vocabulary = set(caption_vocabulary())
+    tokenizer = tokenizer_for("synth-vit")
+    with safe_open(str(WEIGHTS_DIR / BUILTIN_WEIGHTS["synth"]["synth-vit"]), framework="pt") as f:
+        kept = set(f.get_tensor(KEPT_IDS_KEY).tolist())
+    for task in NEW_TASKS:
+        names = TASKS[task].classnames()
+        for name in names:
+            assert set(re.findall(r"[a-z\-]+|[^\sa-z]", name)) <= vocabulary, (task, name)
+        prompts = [t.format(n) for t in _templates(task) for n in names]
+        ids = set(torch.unique(tokenizer(prompts)).tolist())
+        assert ids <= kept, (task, sorted(ids - kept))
+
+
+def test_load_synthetic_uses_the_task_templates():
+    ds = load_synthetic("synthetic-positions", num_classes=3, train_per_class=1, val_per_class=1, test_per_class=1,
+                        image_size=32)
+    assert ds.templates == list(TASKS["synthetic-positions"].templates) and ds.templates[0] == "an image of a {}."
+    assert ds.classnames == ["circle in the top left", "square in the top left", "triangle in the top left"]
+    via_registry = get_dataset("synthetic-textures", num_classes=2, train_per_class=1, val_per_class=1,
+                               test_per_class=1, image_size=32)
+    assert via_registry.templates == SYNTHETIC_TEMPLATES and via_registry.classnames == ["solid circle", "solid square"]
+    old = load_synthetic("synthetic", num_classes=2, train_per_class=1, val_per_class=1, test_per_class=1, image_size=32)
+    assert old.templates == SYNTHETIC_TEMPLATES
+
+
+@pytest.mark.parametrize("task", sorted(TASK_SCENES_V2))
+def test_colour_shape_tasks_scenes_are_pinned_for_render_version_2(task):
+    sc, labels, names = make_scenes(task, "train", 2, 0)
+    h = hashlib.sha256()
+    for f in fields(sc):
+        h.update(getattr(sc, f.name).contiguous().numpy().tobytes())
+    assert h.hexdigest()[:16] == TASK_SCENES_V2[task]
+    assert len(names) == 100 and TASKS[task].templates == () and TASKS[task].classes == "colour-shape"
