@@ -19,13 +19,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from skipcache.errors import SkipcacheError
 from skipcache.runtime import DATA_ENV, STORE_ENV, default_store_root
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Skip Tuning for CLIP: cache the frozen shallow layers once, fine-tune the deep layers many times.")
-out = Console()
+out = Console(soft_wrap=True)  # never break paths for scripts reading stdout
 err = Console(stderr=True)
 
 RootOpt = typer.Option(None, "--root", help=f"Store root (default: ${STORE_ENV} or ./store).")
@@ -80,7 +81,7 @@ def _table(title: str, columns: list[str], rows: list[list]) -> Table:
     for c in columns:
         table.add_column(c)
     for r in rows:
-        table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in r])
+        table.add_row(*[Text(f"{v:.2f}" if isinstance(v, float) else str(v)) for v in r])  # Text: no markup in user strings
     return table
 
 
@@ -268,7 +269,7 @@ def predict(
     if as_json:
         return _print_json([{"image": p.image, "top": [{"class": c, "prob": v} for c, v in p.top]} for p in preds])
     for p in preds:
-        out.print(f"[bold]{p.image}[/bold]: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in p.top), highlight=False)
+        out.print(f"{p.image}: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in p.top), markup=False, highlight=False)
 
 
 @app.command()

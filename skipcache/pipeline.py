@@ -135,6 +135,18 @@ def _tune_child(tune_kwargs: dict, targets: dict, queue) -> None:
         queue.put({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
 
+def _wait_for_report(child, queue) -> dict:
+    """The child's report; an error report if the child dies without one (OOM kill, segfault)."""
+    import queue as queue_module
+
+    while True:
+        try:
+            return queue.get(timeout=1.0)
+        except queue_module.Empty:
+            if not child.is_alive():
+                return {"ok": False, "error": f"the tuning process died with exit code {child.exitcode} (out of memory?)"}
+
+
 def run_pipeline(path: Path, *, out: Path | None = None, device: str = "auto", root: Path | None = None,
                  overrides: list[str] = (), progress: bool = True, log=print) -> dict:
     """Run every method of a pipeline; returns (and writes) {"rows": [...], ...}."""
@@ -189,7 +201,7 @@ def run_pipeline(path: Path, *, out: Path | None = None, device: str = "auto", r
         queue = ctx.Queue()
         child = ctx.Process(target=_tune_child, args=(tune_kwargs, targets, queue))
         child.start()
-        report = queue.get()
+        report = _wait_for_report(child, queue)
         child.join()
         if not report["ok"]:
             raise ConfigError(f"method {label!r} failed: {report['error']}")

@@ -63,15 +63,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON so that a reader sees either the old or the new file, never half of one."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file so that a reader sees either the old or the new content, never half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON atomically (see `write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def torch_save_atomic(obj, path: Path) -> None:

@@ -29,7 +29,7 @@ from skipcache import cskip
 from skipcache.errors import ConfigError, IncompleteStore, RunError, StoreError
 from skipcache.model import DeepCLIP, load_model, split_model
 from skipcache.progress import make_progress
-from skipcache.runtime import default_store_root, library_versions, resolve_device, seed_everything, torch_save_atomic, utc_now, write_json_atomic
+from skipcache.runtime import default_store_root, library_versions, resolve_device, seed_everything, torch_save_atomic, utc_now, write_json_atomic, write_text_atomic
 from skipcache.store import FeatureStore, find_stores
 
 
@@ -283,10 +283,10 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
                 "time_utc": utc_now(),
             }
             history.append(row)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
             torch_save_atomic({"epoch": epoch + 1, "deep": deep.deep_state_dict(), "optimizer": optimizer.state_dict(),
                                "generator": generator.get_state(), "history": history, "store_key_hash": store.key_hash}, ckpt_path)
+            # Rewritten from the checkpointed history, so a kill at any point never duplicates or loses a line.
+            write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
     save_file(deep.deep_state_dict(), str(out / "deep.safetensors"), metadata={"omega": str(deep.omega), "model": store.key["model"]})
     warm = sorted(step_times[5:] or step_times)
