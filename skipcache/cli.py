@@ -142,6 +142,7 @@ def tune(
     cskip_variant: str = typer.Option("eq7", "--cskip-variant", help="eq7 (resampled every step) or paper-code."),
     no_cskip: bool = typer.Option(False, "--no-cskip", help="Use every class for every image (LSkip only)."),
     rank: str = typer.Option("zeroshot", "--rank", help="Class ranking for CSkip: zeroshot or dynamic."),
+    batching: str = typer.Option("shuffle", "--batching", help="shuffle (across classes) or class (one class per batch, as the paper's code)."),
     seed: int = typer.Option(1, "--seed"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<dataset>-<model>-omega<w>-<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
@@ -155,7 +156,7 @@ def tune(
 
     cfg = TuneConfig(store=store, root=_root(root), dataset=dataset, model=model, omega=omega, out=out_dir, epochs=epochs,
                      batch_size=batch_size, lr=lr, lr_image=lr_image, warmup_epochs=warmup_epochs, r=r, lam=lam,
-                     max_top=max_top, cskip_variant=cskip_variant, cskip=not no_cskip, rank=rank, seed=seed,
+                     max_top=max_top, cskip_variant=cskip_variant, cskip=not no_cskip, rank=rank, batching=batching, seed=seed,
                      resume=resume, pretrained=pretrained, device=device, workers=workers, progress=not as_json)
     result = run_tune(cfg)
     if as_json:

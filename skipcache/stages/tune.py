@@ -50,6 +50,11 @@ class TuneConfig:
         r, lam, max_top, cskip_variant, cskip: CSkip settings (see skipcache.cskip).
         rank: `zeroshot` (rankings stored by the cache stage) or `dynamic` (the current model's
             image features against the zero-shot prototypes, computed every step).
+        batching: `shuffle` (rows shuffled across classes, streamed from the store) or `class`
+            (every batch holds images of one class, as the paper's code does when shots >=
+            batch size; the train split is read into memory once). With per-image CSkip subsets
+            the text tower runs on the batch's union of kept classes: images of one class keep
+            similar subsets, so `class` batching makes CSkip's saving real.
         seed: seed of weights' RNG uses, batch order and CSkip draws.
         resume: continue the run in `out` from its last checkpoint.
         device: auto, cpu, cuda, cuda:N.
@@ -78,6 +83,7 @@ class TuneConfig:
     cskip_variant: str = "eq7"
     cskip: bool = True
     rank: str = "zeroshot"
+    batching: str = "shuffle"
     seed: int = 1
     resume: bool = False
     device: str = "auto"
@@ -96,6 +102,8 @@ class TuneConfig:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if self.lr <= 0 or (self.lr_image is not None and self.lr_image <= 0):
             raise ConfigError(f"learning rates must be > 0, got lr={self.lr}, lr_image={self.lr_image}")
+        if self.batching not in ("shuffle", "class"):
+            raise ConfigError(f"batching must be 'shuffle' or 'class', got {self.batching!r}")
         if self.rank not in ("zeroshot", "dynamic"):
             raise ConfigError(f"rank must be 'zeroshot' or 'dynamic', got {self.rank!r}")
         if self.rank == "dynamic" and self.cskip_variant == "paper-code":
@@ -166,6 +174,22 @@ def _lr_at(step: int, cfg: TuneConfig, steps_per_epoch: int, base_lr: float) -> 
     return 0.5 * base_lr * (1 + math.cos(math.pi * (step - warm) / total))
 
 
+def class_batches(split: dict, batch_size: int, *, view: int, seed: int):
+    """One epoch of single-class batches: each class's rows shuffled and cut into batches of at
+    most `batch_size`, the batches then shuffled across classes. Every row exactly once."""
+    g = torch.Generator().manual_seed(seed)
+    labels = split["labels"]
+    groups = []
+    for c in torch.unique(labels).tolist():
+        rows = torch.nonzero(labels == c).flatten()
+        rows = rows[torch.randperm(len(rows), generator=g)]
+        groups.extend(rows.split(batch_size))
+    for i in torch.randperm(len(groups), generator=g).tolist():
+        rows = groups[i]
+        yield {"vision": split["vision"][view, rows].float(), "labels": labels[rows],
+               "zeroshot_rank": split["zeroshot_rank"][rows], "index": rows}
+
+
 def _peak_memory(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
@@ -213,7 +237,12 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
     )
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    steps_per_epoch = math.ceil(split.n / cfg.batch_size)
+    in_memory = store.read_split("train", dtype=None) if cfg.batching == "class" else None
+    if in_memory is not None:
+        counts = torch.bincount(in_memory["labels"], minlength=len(split.classes))
+        steps_per_epoch = int(sum(math.ceil(int(c) / cfg.batch_size) for c in counts))
+    else:
+        steps_per_epoch = math.ceil(split.n / cfg.batch_size)
     fixed = None
     if skip.enabled and skip.variant == "paper-code":
         whole = store.read_split("train")
@@ -237,7 +266,10 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         for epoch in range(start_epoch, cfg.epochs):
             deep.train()
             sums = {"loss": 0.0, "correct": 0, "seen": 0, "kept": 0.0, "union": 0.0, "steps": 0}
-            batches = store.iter_batches("train", cfg.batch_size, view=epoch % views, shuffle=True, seed=cfg.seed * 1000 + epoch)
+            if in_memory is not None:
+                batches = class_batches(in_memory, cfg.batch_size, view=epoch % views, seed=cfg.seed * 1000 + epoch)
+            else:
+                batches = store.iter_batches("train", cfg.batch_size, view=epoch % views, shuffle=True, seed=cfg.seed * 1000 + epoch)
             for i, batch in enumerate(batches):
                 t0 = time.perf_counter()
                 step = epoch * steps_per_epoch + i
