@@ -26,7 +26,7 @@ from skipcache.runtime import DATA_ENV, STORE_ENV, default_store_root
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Skip Tuning for CLIP: cache the frozen shallow layers once, fine-tune the deep layers many times.")
-out = Console(soft_wrap=True)  # never break paths for scripts reading stdout
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # scripts: no broken paths
 err = Console(stderr=True)
 
 RootOpt = typer.Option(None, "--root", help=f"Store root (default: ${STORE_ENV} or ./store).")
@@ -205,7 +205,7 @@ def inspect(store: Path = typer.Argument(..., help="Store path."), as_json: bool
     out.print("[bold]key[/bold]: " + json.dumps(summary.get("key", {}), sort_keys=True))
     splits = summary.get("splits", {})
     rows = [[s, v.get("n"), v.get("views"), v.get("classes") if isinstance(v.get("classes"), int) else len(v.get("classes", [])),
-             v.get("size_mib", float("nan")), summary.get("zeroshot_acc", {}).get(s, float("nan"))] for s, v in splits.items()]
+             v.get("size_mib", float("nan")), 100 * summary.get("zeroshot_acc", {}).get(s, float("nan"))] for s, v in splits.items()]
     out.print(_table("splits", ["split", "images", "views", "classes", "MiB", "zero-shot %"], rows))
 
 
@@ -221,8 +221,17 @@ def ls(root: Optional[Path] = typer.Argument(None, help="Store root (default: $S
     if not stores:
         out.print(f"no stores under {_root(root)}; build one with `skipcache cache --dataset ...`")
         return
-    cols = ["dataset", "model", "pretrained", "omega", "key_hash", "complete", "size_mib", "created_utc"]
-    out.print(_table(f"stores under {_root(root)}", cols + ["path"], [[s.get(c, "") for c in cols] + [s.get("path", "")] for s in stores]))
+    base = _root(root)
+
+    def rel(p) -> str:
+        try:
+            return str(Path(p).relative_to(base))
+        except ValueError:
+            return str(p)
+
+    rows = [[rel(st["path"]), "yes" if st.get("complete") else "no (resume: rerun cache)", st.get("size_mib", 0.0),
+             str(st.get("created_utc", ""))[:16].replace("T", " ")] for st in stores]
+    out.print(_table(f"stores under {base}", ["store", "complete", "MiB", "created (UTC)"], rows))
 
 
 @app.command()
