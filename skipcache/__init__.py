@@ -28,7 +28,7 @@ _EXPORTS = {
     "FeatureStore": "skipcache.store",
     "CSkipConfig": "skipcache.cskip",
     "SkipcacheError": "skipcache.errors",
-    "load_model": "skipcache.model",
+    "load_model": "skipcache.loading",
     "split_model": "skipcache.model",
     "get_dataset": "skipcache.data",
 }

@@ -286,7 +286,7 @@ def predict(
 @handle_errors
 def models(as_json: bool = JsonOpt):
     """List model names (open_clip's and the built-in tiny ones) and built-in weights."""
-    from skipcache.model import BUILTIN_WEIGHTS, list_models
+    from skipcache.loading import BUILTIN_WEIGHTS, list_models
 
     names = list_models()
     if as_json:

@@ -7,16 +7,12 @@ loaded by plain open_clip and run on the raw images; H is recomputed from base a
 from __future__ import annotations
 
 import json
-import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.main import get_command
 from typer.testing import CliRunner
 
@@ -103,7 +99,7 @@ def _openclip_logits(model, images, classnames, template="a photo of a {}."):
 def test_end_to_end_tiny_synthetic(tmp_path, monkeypatch):
     import open_clip
 
-    from skipcache.model import load_model
+    from skipcache.loading import load_model
     from skipcache.stages.evaluate import load_run_model, predict_split
 
     monkeypatch.chdir(tmp_path)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from skipcache.errors import ConfigError, ModelError
-from skipcache.model import DeepCLIP, check_omega, load_model, split_model, tokenizer_for
+from skipcache.loading import load_model, tokenizer_for
+from skipcache.model import DeepCLIP, check_omega, split_model
 
 PROMPTS = ["a photo of a red circle.", "dog", "a photo of a very small green hexagon on a striped background"]
 

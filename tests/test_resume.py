@@ -7,14 +7,12 @@ command, and compares the result with an uninterrupted twin built in another dir
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file

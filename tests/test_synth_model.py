@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from skipcache.model import load_model, tokenizer_for
+from skipcache.loading import load_model, tokenizer_for
 from skipcache.synthworld.tasks import make_split
 
 # Floors well below the model card's numbers (99.4 / 100 / 83.2 on 5 images per class) and far above chance.

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from skipcache.data import get_dataset, list_datasets
 from skipcache.data.synthetic import SYNTHETIC_TEMPLATES, load_synthetic
-from skipcache.model import BUILTIN_WEIGHTS, WEIGHTS_DIR, tokenizer_for
+from skipcache.loading import BUILTIN_WEIGHTS, WEIGHTS_DIR, tokenizer_for
 from skipcache.synthworld.captions import caption_vocabulary, position_phrase, size_word
 from skipcache.synthworld.render import COLOURS, SHAPES, TEXTURES
 from skipcache.synthworld.tasks import TASKS, make_scenes, make_split

@@ -135,7 +135,8 @@ def _sgd(params, lr_groups=None):
 
 
 def _setup(opts: BenchOptions):
-    from skipcache.model import eot_positions, load_model, tokenizer_for, tower_depths
+    from skipcache.loading import load_model, tokenizer_for
+    from skipcache.model import eot_positions, tower_depths
     from skipcache.runtime import resolve_device
 
     device = resolve_device(opts.device)
@@ -237,7 +238,7 @@ def _cache(opts: BenchOptions) -> dict:
 
 
 def _store(opts: BenchOptions) -> dict:
-    from skipcache.model import config_of
+    from skipcache.loading import config_of
     from skipcache.store import FeatureStore, SplitSpec
 
     vc = config_of(opts.model)["vision_cfg"]

@@ -21,7 +21,8 @@ from torchvision import transforms as T
 from skipcache.data import Task, build_task, get_dataset, load_image
 from skipcache.data.registry import get_registry
 from skipcache.errors import ConfigError
-from skipcache.model import LoadedModel, load_model, split_model, tokenizer_for
+from skipcache.loading import LoadedModel, load_model, tokenizer_for
+from skipcache.model import split_model
 from skipcache.progress import make_progress
 from skipcache.runtime import default_store_root, library_versions, resolve_device
 from skipcache.store import FeatureStore, SplitSpec, store_path

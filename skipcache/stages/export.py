@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from skipcache.data.base import Example, load_image
 from skipcache.errors import DataError, RunError
-from skipcache.model import config_of, load_model, tokenizer_for
+from skipcache.loading import config_of, load_model, tokenizer_for
 from skipcache.runtime import resolve_device
 from skipcache.stages.cache import eval_transform
 from skipcache.stages.evaluate import read_run

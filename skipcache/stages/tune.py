@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 
 from skipcache import cskip
 from skipcache.errors import ConfigError, IncompleteStore, RunError, StoreError
-from skipcache.model import DeepCLIP, load_model, split_model
+from skipcache.loading import load_model
+from skipcache.model import DeepCLIP, split_model
 from skipcache.progress import make_progress
 from skipcache.runtime import default_store_root, library_versions, resolve_device, seed_everything, torch_save_atomic, utc_now, write_json_atomic, write_text_atomic
 from skipcache.store import FeatureStore, find_stores

@@ -17,7 +17,6 @@ these splits. A task is a class set (`CLASS_SETS`) rendered in a domain:
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
