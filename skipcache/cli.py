@@ -27,7 +27,7 @@ from skipcache.runtime import DATA_ENV, STORE_ENV, default_store_root
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Skip Tuning for CLIP: cache the frozen shallow layers once, fine-tune the deep layers many times.")
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # scripts: no broken paths
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 RootOpt = typer.Option(None, "--root", help=f"Store root (default: ${STORE_ENV} or ./store).")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
