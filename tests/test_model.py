@@ -150,3 +150,21 @@ def test_local_weights_file_is_loaded(tmp_path):
     assert lm.pretrained_label == "w"
     for k, v in lm.model.state_dict().items():
         assert torch.equal(v, src.state_dict()[k]), k
+
+
+def test_local_dir_model_is_loaded(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from skipcache.loading import config_of
+
+    src = load_model("tiny", "none", seed=7)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": config_of("tiny"), "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    lm = load_model(f"local-dir:{tmp_path}")
+    assert lm.pretrained_label == "local" and len(lm.weights_hash) == 16
+    for k, v in lm.model.state_dict().items():
+        assert torch.equal(v, src.model.state_dict()[k]), k
+    with pytest.raises(ModelError, match="local-dir not found"):
+        load_model(f"local-dir:{tmp_path / 'missing'}")
