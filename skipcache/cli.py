@@ -81,7 +81,7 @@ def _table(title: str, columns: list[str], rows: list[list]) -> Table:
     for c in columns:
         table.add_column(c)
     for r in rows:
-        table.add_row(*[Text(f"{v:.2f}" if isinstance(v, float) else str(v)) for v in r])  # Text: no markup in user strings
+        table.add_row(*[Text("–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)) for v in r])  # Text: no markup in user strings
     return table
 
 

@@ -192,7 +192,7 @@ def run_pipeline(path: Path, *, out: Path | None = None, device: str = "auto", r
                 acc["H"] = 2 * acc["base"] * acc["new"] / max(1e-9, acc["base"] + acc["new"])
             for t_name, t_path in targets.items():
                 acc[t_name] = 100.0 * FeatureStore.open(t_path).summary()["zeroshot_acc"]["test"]
-            rows.append({"method": label, **acc, "tune_s": 0.0, "step_ms": 0.0, "peak_mib": 0.0})
+            rows.append({"method": label, **acc, "tune_s": None, "step_ms": None, "peak_mib": None})  # nothing trained
             continue
         log(f"[{name}] tune {label!r} (omega={omega})")
         tune_kwargs = dict(method, store=cached.path, out=out / label.replace(" ", "_").replace("/", "_"),
