@@ -29,7 +29,8 @@ benchmark: install       ## time and memory: FT vs LSkip vs LSkip+CSkip, cache s
 	$(PY) -m skipcache.bench --model ViT-B-16 --out build/benchmark.json
 
 tiny-clip: install       ## re-pretrain the shipped synth-vit weights from scratch (GPU: ~8 min)
-	$(PY) -m skipcache.synthworld.pretrain --out build/tiny-clip --minutes 8
+	$(PY) -m skipcache.synthworld.pretrain --out build/tiny-clip --minutes 8 --device auto
+	@echo "to ship it: cp build/tiny-clip/synth.safetensors skipcache/weights/synth-vit.safetensors (and update MODEL_CARD.md)"
 
 clean:
 	rm -rf build runs .pytest_cache

@@ -57,7 +57,7 @@ class PretrainConfig:
 
     Attributes:
         out: output folder (curve.jsonl, synth.safetensors, model_card.json, checkpoint).
-        device: "cpu" or "cuda".
+        device: "auto" (CUDA when present), "cpu" or "cuda".
         minutes: wall-clock budget of the whole run, export included; None for step-bounded.
         steps: number of optimizer steps; None for time-bounded. With both, whichever ends first
             (the schedule follows `steps`).
@@ -75,7 +75,7 @@ class PretrainConfig:
     """
 
     out: Path
-    device: str = "cpu"
+    device: str = "auto"
     minutes: float | None = None
     steps: int | None = None
     batch_size: int = 1024
@@ -326,7 +326,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "curve.jsonl").unlink(missing_ok=True)
-    device = torch.device(cfg.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m skipcache.synthworld.pretrain", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget, export included")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1024)
