@@ -86,9 +86,11 @@ def load_run_model(run_dir: Path, device: torch.device, store: FeatureStore | No
 
 
 @torch.no_grad()
-def predict_split(deep: DeepCLIP, store: FeatureStore, split: str, device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """Tuned logits (n, M_split) of a cached split, classes in the split's order."""
-    text = store.read_text()
+def predict_split(deep: DeepCLIP, store: FeatureStore, split: str, device: torch.device, batch_size: int = 256,
+                  text: dict | None = None) -> torch.Tensor:
+    """Tuned logits (n, M_split) of a cached split, classes in the split's order (`text`: a
+    `store.read_text()` already in hand)."""
+    text = text or store.read_text()
     classes = torch.as_tensor(store.splits[split].classes)
     text_feats = deep.encode_text(text["tokens"][classes].to(device), text["eot"][classes].to(device))  # (M_split, E)
     logits = []
@@ -118,14 +120,15 @@ def run_eval(run_dir: Path, *, store: Path | None = None, device: str = "auto", 
     dev = resolve_device(device)
     target = FeatureStore.open(Path(store)) if store is not None else None
     deep, store = load_run_model(Path(run_dir), dev, target)
-    classnames = store.read_text()["classnames"]
+    text = store.read_text()
+    classnames = text["classnames"]
     acc, zs, per_class, n = {}, {}, {}, {}
     for split, alias in SPLIT_ALIASES.items():
         if split not in store.splits:
             continue
         data = store.read_split(split, include_vision=False)
         labels = data["labels"]
-        logits = predict_split(deep, store, split, dev, batch_size)
+        logits = predict_split(deep, store, split, dev, batch_size, text=text)
         names = [classnames[c] for c in store.splits[split].classes]
         acc[alias] = _accuracy(logits.argmax(1), labels)
         zs[alias] = _accuracy(data["zeroshot_logits"].argmax(1), labels)

@@ -246,7 +246,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         steps_per_epoch = math.ceil(split.n / cfg.batch_size)
     fixed = None
     if skip.enabled and skip.variant == "paper-code":
-        whole = store.read_split("train")
+        whole = in_memory or store.read_split("train", include_vision=False)
         fixed = cskip.fixed_masks(whole["zeroshot_rank"].to(device), whole["labels"].to(device), skip, generator)
 
     start_epoch, history = 0, []
