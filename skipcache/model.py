@@ -263,8 +263,3 @@ def drop_shallow(model: nn.Module, omega: int) -> None:
     visual.conv1 = None
     text.transformer.resblocks = nn.ModuleList()
     text.token_embedding = None
-
-
-def trainable_summary(deep: DeepCLIP) -> dict[str, int]:
-    """Number of trainable parameters per group."""
-    return {k: sum(p.numel() for p in v) for k, v in deep.layer_groups().items()}
