@@ -132,9 +132,9 @@ def assert_roundtrip(store: FeatureStore, data: dict) -> None:
 
 def test_store_path_scheme_and_key_hash():
     key = make_key(dataset="oxford/pets", model="ViT-B-16", pretrained_label="laion2b/e16", omega=6)
-    path = store_path(Path("/root"), key)
+    path = store_path(Path("/stores"), key)
     digest = key_hash(key)
-    assert path == Path(f"/root/oxford_pets/ViT-B-16@laion2b_e16/omega6-{digest}.zarr")
+    assert path == Path(f"/stores/oxford_pets/ViT-B-16@laion2b_e16/omega6-{digest}.zarr")
     assert len(digest) == 12 and int(digest, 16) >= 0
     assert key_hash(dict(reversed(list(key.items())))) == digest  # order does not matter
     assert key_hash({**key, "omega": 7}) != digest
