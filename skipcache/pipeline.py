@@ -112,12 +112,9 @@ def _rss_mib() -> float:
 def _tune_child(tune_kwargs: dict, targets: dict, queue) -> None:
     """Runs in a spawned process: tune, evaluate, report (result, memory) through the queue."""
     try:
-        import torch
-
-        from skipcache.stages.evaluate import run_eval
+        from skipcache.stages.evaluate import evaluate_stores
         from skipcache.stages.tune import run_tune
 
-        torch.set_num_threads(torch.get_num_threads())
         baseline = _rss_mib()
         result = run_tune(TuneConfig(**tune_kwargs))
         if result.peak_memory_method.startswith("torch.cuda"):
@@ -126,9 +123,9 @@ def _tune_child(tune_kwargs: dict, targets: dict, queue) -> None:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
             method = "child peak RSS minus RSS before training"
         device = tune_kwargs.get("device", "auto")
-        accuracy = dict(run_eval(result.run_dir, device=device).accuracy)
-        for name, store in targets.items():
-            accuracy[name] = run_eval(result.run_dir, store=store, device=device).accuracy["all"]
+        own, *on_targets = evaluate_stores(result.run_dir, [None, *targets.values()], device=device)
+        accuracy = dict(own.accuracy)
+        accuracy.update({name: r.accuracy["all"] for name, r in zip(targets, on_targets)})
         queue.put({"ok": True, "accuracy": accuracy, "seconds": result.seconds, "step_s": result.step_time_median_s,
                    "peak_mib": peak, "memory_method": method, "run_dir": str(result.run_dir)})
     except BaseException as exc:  # report, never hang the parent
@@ -153,6 +150,8 @@ def run_pipeline(path: Path, *, out: Path | None = None, device: str = "auto", r
     spec = load_pipeline(path, overrides)
     name = spec.get("name", Path(path).stem)
     out = Path(out) if out else Path("runs") / "pipelines" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a folder; pass another --out")
     out.mkdir(parents=True, exist_ok=True)
     cache_kwargs = dict(spec.get("cache", {}), device=device, progress=progress)
     if root is not None:

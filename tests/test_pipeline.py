@@ -50,71 +50,44 @@ def test_invalid_toml(tmp_path):
         load_pipeline(path)
 
 
-def test_unknown_cache_field(tmp_path):
-    path = write(tmp_path, TINY_CACHE + 'epochs = 3\n[[method]]\nname = "zs"\nkind = "zeroshot"\n')
-    allowed = sorted(f.name for f in fields(CacheConfig))
-    with pytest.raises(ConfigError) as info:
-        load_pipeline(path)
-    assert str(info.value) == f"pipeline {path}: unknown [cache] field(s) ['epochs']; allowed: {allowed}"
+ZS = '[[method]]\nname = "zs"\nkind = "zeroshot"\n'
+ALLOWED_CACHE = sorted(f.name for f in fields(CacheConfig))
 
-
-def test_unknown_method_field(tmp_path):
-    path = write(tmp_path, TINY_CACHE + '[[method]]\nname = "FT"\nkind = "tune"\nepoch = 3\nlearning_rate = 1\n')
-    with pytest.raises(ConfigError) as info:
-        load_pipeline(path)
-    assert str(info.value) == f"pipeline {path}: method 'FT' has unknown field(s) ['epoch', 'learning_rate']"
-
-
-def test_no_methods(tmp_path):
-    path = write(tmp_path, TINY_CACHE)
-    with pytest.raises(ConfigError) as info:
-        load_pipeline(path)
-    assert str(info.value) == f"pipeline {path} has no [[method]] tables"
-    # A misspelt table name is named as such.
-    path = write(tmp_path, TINY_CACHE + '[[methods]]\nname = "zs"\nkind = "zeroshot"\n')
-    with pytest.raises(ConfigError, match=r"unknown top-level field\(s\) \['methods'\]"):
-        load_pipeline(path)
-
-
-@pytest.mark.parametrize("kind_line, shown", [('kind = "finetune"', "'finetune'"), ("", "None")])
-def test_bad_kind(tmp_path, kind_line, shown):
-    path = write(tmp_path, TINY_CACHE + f'[[method]]\nname = "x"\n{kind_line}\n')
-    with pytest.raises(ConfigError) as info:
-        load_pipeline(path)
-    assert str(info.value) == f"pipeline {path}: method 'x' has kind {shown}; use zeroshot or tune"
-
-
-def test_bad_target(tmp_path):
-    path = write(tmp_path, TINY_CACHE + '[[target]]\nname = "t"\n[[method]]\nname = "zs"\nkind = "zeroshot"\n')
-    with pytest.raises(ConfigError) as info:
-        load_pipeline(path)
-    assert str(info.value) == (f"pipeline {path}: a [[target]] needs `dataset` and allows only name, dataset_options; "
-                               "got ['name']")
-
-
-def test_method_without_a_name(tmp_path):
+# (pipeline body, the exact message with {path} for the file). Each line is one way a file goes wrong.
+BAD_FILES = {
+    "unknown cache field": (TINY_CACHE + "epochs = 3\n" + ZS,
+                            "pipeline {path}: unknown [cache] field(s) ['epochs']; allowed: " + str(ALLOWED_CACHE)),
+    "unknown method field": (TINY_CACHE + '[[method]]\nname = "FT"\nkind = "tune"\nepoch = 3\nlearning_rate = 1\n',
+                             "pipeline {path}: method 'FT' has unknown field(s) ['epoch', 'learning_rate']"),
+    "no methods": (TINY_CACHE, "pipeline {path} has no [[method]] tables"),
+    "bad kind": (TINY_CACHE + '[[method]]\nname = "x"\nkind = "finetune"\n',
+                 "pipeline {path}: method 'x' has kind 'finetune'; use zeroshot or tune"),
+    "missing kind": (TINY_CACHE + '[[method]]\nname = "x"\n', "pipeline {path}: method 'x' has kind None; use zeroshot or tune"),
+    "bad target": (TINY_CACHE + '[[target]]\nname = "t"\n' + ZS,
+                   "pipeline {path}: a [[target]] needs `dataset` and allows only name, dataset_options; got ['name']"),
     # The name labels the row and names the run folder; without one, running used to crash (KeyError).
-    path = write(tmp_path, TINY_CACHE + '[[method]]\nkind = "zeroshot"\n')
-    with pytest.raises(ConfigError) as info:
-        load_pipeline(path)
-    assert str(info.value) == f"pipeline {path}: every [[method]] needs a name; method 0 has none"
-
-
-def test_duplicate_method_names(tmp_path):
+    "method without a name": (TINY_CACHE + '[[method]]\nkind = "zeroshot"\n',
+                              "pipeline {path}: every [[method]] needs a name; method 0 has none"),
     # Two methods with one name would share a run folder: the second tune would fail after the first ran.
-    path = write(tmp_path, TINY_CACHE + '[[method]]\nname = "a"\nkind = "tune"\n[[method]]\nname = "a"\nkind = "tune"\n')
-    with pytest.raises(ConfigError) as info:
-        load_pipeline(path)
-    assert str(info.value) == f"pipeline {path}: method name 'a' is used twice; names label rows and run folders"
+    "duplicate method names": (TINY_CACHE + '[[method]]\nname = "a"\nkind = "tune"\n' * 2,
+                               "pipeline {path}: method name 'a' is used twice; names label rows and run folders"),
+    # A misspelt table must not silently fall back to the defaults (ViT-B-16, openai weights).
+    "unknown top-level table": (TINY_CACHE.replace("[cache]", "[cahce]") + ZS,
+                                "pipeline {path}: unknown top-level field(s) ['cahce']; "
+                                "allowed: ['cache', 'description', 'method', 'name', 'target']"),
+    "misspelt method table": (TINY_CACHE + ZS.replace("[[method]]", "[[methods]]"),
+                              "pipeline {path}: unknown top-level field(s) ['methods']; "
+                              "allowed: ['cache', 'description', 'method', 'name', 'target']"),
+}
 
 
-def test_unknown_top_level_table(tmp_path):
-    # A misspelt [cache] table must not silently fall back to the defaults (ViT-B-16, openai weights).
-    path = write(tmp_path, TINY_CACHE.replace("[cache]", "[cahce]") + '[[method]]\nname = "zs"\nkind = "zeroshot"\n')
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_pipeline_file_names_the_problem(tmp_path, case):
+    body, message = BAD_FILES[case]
+    path = write(tmp_path, body)
     with pytest.raises(ConfigError) as info:
         load_pipeline(path)
-    assert str(info.value) == (f"pipeline {path}: unknown top-level field(s) ['cahce']; "
-                               "allowed: ['cache', 'description', 'method', 'name', 'target']")
+    assert str(info.value) == message.format(path=path)
 
 
 def test_malformed_override(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from skipcache.errors import ConfigError
 from skipcache.stages.cache import CacheConfig, run_cache
 from skipcache.stages.tune import TuneConfig, _lr_at, class_batches, run_tune
+from skipcache.store import FeatureStore
 
 
 def test_schedule_is_constant_warmup_then_cosine_to_zero():
@@ -63,3 +64,15 @@ def test_class_batching_shrinks_the_text_union(tmp_path, rank, variant):
         unions[batching] = rows[-1]["union_classes_per_step"]
     # 10 base classes: each image keeps its true class and ~2 top-ranked ones; 8 mixed images cover most classes
     assert unions["class"] < unions["shuffle"]
+
+
+def test_evaluate_stores_loads_once_and_matches_run_eval(tmp_path):
+    from skipcache.stages.evaluate import evaluate_stores, run_eval
+
+    cached = run_cache(CacheConfig(dataset="synthetic", dataset_options={"num_classes": 6}, model="tiny", pretrained="none",
+                                   omega=3, shots=4, root=tmp_path / "store", device="cpu", progress=False))
+    run = run_tune(TuneConfig(store=cached.path, out=tmp_path / "run", epochs=1, batch_size=4, warmup_epochs=0,
+                              device="cpu", progress=False))
+    own, same_as_target = evaluate_stores(run.run_dir, [None, cached.path], device="cpu")
+    assert own.accuracy == same_as_target.accuracy == run_eval(run.run_dir, device="cpu").accuracy
+    assert (run.run_dir / f"eval-synthetic-{FeatureStore.open(cached.path).key_hash}.json").exists()

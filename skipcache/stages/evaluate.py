@@ -117,9 +117,28 @@ def run_eval(run_dir: Path, *, store: Path | None = None, device: str = "auto", 
     """Evaluate a finished run on every test split of its store, or of another compatible `store`
     (same model, weights and omega: a cross-dataset or shifted-domain target). Writes `eval.json`
     in the run (`eval-<dataset>-<keyhash>.json` for another store)."""
+    return evaluate_stores(run_dir, [store], device=device, batch_size=batch_size)[0]
+
+
+def evaluate_stores(run_dir: Path, stores: list[Path | None], *, device: str = "auto", batch_size: int = 256) -> list[EvalResult]:
+    """`run_eval` on several stores (None: the run's own), loading the tuned model once."""
     dev = resolve_device(device)
-    target = FeatureStore.open(Path(store)) if store is not None else None
-    deep, store = load_run_model(Path(run_dir), dev, target)
+    run_dir = Path(run_dir)
+    deep, own = load_run_model(run_dir, dev)
+    _, run = read_run(run_dir)
+    results = []
+    for path in stores:
+        target = None if path is None else FeatureStore.open(Path(path))
+        if target is not None:
+            check_compatible(run, target)
+        result = _evaluate(deep, target or own, dev, batch_size)
+        name = "eval.json" if target is None else f"eval-{target.key['dataset']}-{target.key_hash}.json"
+        write_json_atomic(run_dir / name, result.to_json())
+        results.append(result)
+    return results
+
+
+def _evaluate(deep: DeepCLIP, store: FeatureStore, dev: torch.device, batch_size: int) -> EvalResult:
     text = store.read_text()
     classnames = text["classnames"]
     acc, zs, per_class, n = {}, {}, {}, {}
@@ -139,7 +158,4 @@ def run_eval(run_dir: Path, *, store: Path | None = None, device: str = "auto", 
     for d in (acc, zs):
         if "base" in d and "new" in d:
             d["H"] = round(harmonic_mean(d["base"], d["new"]), 4)
-    result = EvalResult(accuracy=acc, zeroshot=zs, per_class=per_class, n=n)
-    name = "eval.json" if target is None else f"eval-{store.key['dataset']}-{store.key_hash}.json"
-    write_json_atomic(Path(run_dir) / name, result.to_json())
-    return result
+    return EvalResult(accuracy=acc, zeroshot=zs, per_class=per_class, n=n)
