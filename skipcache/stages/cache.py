@@ -226,7 +226,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     logit_scale = deep.logit_scale
     computed = 0
     todo = {s.name: store.pending_shards(s.name) for s in splits}
-    total = sum(len(store.shard_rows(name, k)) * spec.views for spec in splits for name in [spec.name] for k in todo[name])
+    total = sum(len(store.shard_rows(spec.name, k)) * spec.views for spec in splits for k in todo[spec.name])
     with make_progress(cfg.progress, unit="img") as progress:
         bar = progress.add_task("cache", total=total)
         for spec in splits:
@@ -234,7 +234,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
             class_protos = prototypes[torch.as_tensor(split.classes, device=device)]  # (M_split, E)
             for shard in todo[spec.name]:
                 rows = store.shard_rows(spec.name, shard)
-                progress.update(bar, description=f"cache {spec.name} shard {shard + 1}/{-(-spec.n // store.rows_per_shard)}")
+                progress.update(bar, description=f"cache {spec.name} shard {shard + 1}/{store.n_shards(spec.name)}")
                 images = _ShardImages(split.examples, rows, spec.views, plain, augment, cfg.seed)
                 loader = torch.utils.data.DataLoader(images, batch_size=cfg.batch_size, num_workers=cfg.workers)
                 vision, logits = [], []
@@ -242,11 +242,10 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
                     b, v = batch.shape[:2]
                     with torch.no_grad():
                         x = batch.to(device).flatten(0, 1)  # (B*V, 3, H, W)
-                        tokens = shallow.vision(x)  # (B*V, Lv, Dv)
-                        feats = F.normalize(deep.vision(tokens), dim=-1)
-                    tokens = tokens.unflatten(0, (b, v)).transpose(0, 1)  # (V, B, Lv, Dv)
-                    # Zero-shot logits of the plain view (view 0 when every view is augmented).
-                    logits.append((logit_scale * feats.unflatten(0, (b, v))[:, 0] @ class_protos.T).float().cpu())
+                        tokens = shallow.vision(x).unflatten(0, (b, v)).transpose(0, 1)  # (V, B, Lv, Dv)
+                        # The rest of the frozen forward, for view 0 only: the zero-shot logits and ranks.
+                        feats = F.normalize(deep.vision(tokens[0]), dim=-1)  # (B, E)
+                    logits.append((logit_scale * feats @ class_protos.T).float().cpu())
                     vision.append(tokens.to(DTYPES[cfg.dtype]).cpu())
                     computed += b * v
                     progress.advance(bar, b * v)
