@@ -252,11 +252,11 @@ def split_model(model: nn.Module, omega: int, *, keep_shallow: bool = True) -> t
         p.requires_grad_(True)
     if keep_shallow:
         return ShallowCLIP(model, omega), deep
-    drop_shallow(model, omega)
+    drop_shallow(model)
     return None, deep
 
 
-def drop_shallow(model: nn.Module, omega: int) -> None:
+def drop_shallow(model: nn.Module) -> None:
     """Free the frozen embeddings and blocks [0, omega) of both towers (the deep part keeps its own references)."""
     visual, text = model.visual, _text_tower(model)
     visual.transformer.resblocks = nn.ModuleList()
