@@ -17,9 +17,23 @@ The "paper-code" variant reproduces the authors' implementation instead:
   - with one tail rank the original divides 0 by 0 and gets NaN; we define p = 1 there;
   - the mask is drawn once per run for every training row (`fixed_masks`), not every step.
 
-A batch of images with different subsets runs the text tower once on the union of kept classes
-(`union_and_mask`) and masks each image's logits to its own subset (`masked_cross_entropy`).
+Two ways to turn those probabilities into the classes a training step runs the text tower on:
+
+  subset = "batch" (the default): one subset shared by the batch, as the authors' code does.
+      Classes are ordered by their best similarity to any image of the batch, the batch's true
+      classes first; the first `certain` positions are kept, the tail positions are drawn with
+      the probabilities above. The subset has a fixed size (`BatchSubset.size`): the certain
+      positions plus `tail` slots, enough for the tail draw but for a chance below about 3e-5
+      per step (a longer draw keeps its best-ranked `tail` classes). A fixed size means static
+      shapes and no host synchronisation in the step; the text tower costs about E[kept]
+      forwards, not the union of per-image subsets.
+  subset = "image": every image draws its own subset (paper Eq. 7 read literally); the text
+      tower runs once on the batch's union of kept classes (`union_and_mask`) and each image's
+      logits are masked to its own subset (`masked_cross_entropy`). With mixed-class batches the
+      union is close to all M classes, so this saves little text compute.
 """
+
+from __future__ import annotations
 
 import math
 from dataclasses import dataclass
@@ -42,6 +56,7 @@ class CSkipConfig:
     max_top: int | None = None
     variant: Literal["eq7", "paper-code"] = "eq7"
     enabled: bool = True
+    subset: Literal["batch", "image"] = "batch"
 
     def __post_init__(self):
         if not (0 < self.r <= 1):
@@ -56,6 +71,8 @@ class CSkipConfig:
             raise ConfigError(
                 f"variant must be 'eq7' or 'paper-code', got {self.variant!r}; "
                 "pass --cskip-variant eq7 or paper-code")
+        if self.subset not in ("batch", "image"):
+            raise ConfigError(f"subset must be 'batch' or 'image', got {self.subset!r}; pass --cskip-subset batch or image")
 
 
 def probabilities_by_rank(num_classes: int, cfg: CSkipConfig, device=None) -> torch.Tensor:
@@ -161,3 +178,91 @@ def dynamic_rank(image_features: torch.Tensor, prototypes: torch.Tensor) -> torc
 def expected_kept(num_classes: int, cfg: CSkipConfig) -> float:
     """Expected number of kept classes per image, Σ p over ranks (ignores forcing the label)."""
     return probabilities_by_rank(num_classes, cfg).sum().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# One subset per batch, of a fixed size
+# ---------------------------------------------------------------------------------------------
+
+TAIL_SIGMAS = 4.0  # tail slots = mean + 4 sd of the tail draw: P(longer draw) < 3.2e-5 (normal approx.)
+
+
+def certain_count(num_classes: int, cfg: CSkipConfig) -> int:
+    """How many leading rank positions are kept with probability 1."""
+    p = probabilities_by_rank(num_classes, cfg)
+    below = (p < 1).nonzero()
+    return int(below[0]) if len(below) else num_classes
+
+
+def tail_slots(num_classes: int, cfg: CSkipConfig, certain: int) -> int:
+    """Slots for the drawn tail: mean + TAIL_SIGMAS sd of the Bernoulli tail count, at most the tail."""
+    p = probabilities_by_rank(num_classes, cfg)[certain:].double()
+    if len(p) == 0:
+        return 0
+    mean, var = float(p.sum()), float((p * (1 - p)).sum())
+    return min(len(p), math.ceil(mean + TAIL_SIGMAS * math.sqrt(var)) + 1)
+
+
+class BatchSubset:
+    """Draw one class subset per batch, of a fixed size `size` (see the module docstring).
+
+    Args:
+        num_classes: M, the classes of the train split.
+        cfg: CSkip settings (variant, r, λ, max_top).
+        batch_size: images per step; the certain positions are at least this many, so every
+            true class of a batch fits in them.
+    """
+
+    def __init__(self, num_classes: int, cfg: CSkipConfig, batch_size: int, device=None):
+        M = num_classes
+        self.num_classes = M
+        self.certain = min(M, max(certain_count(M, cfg), batch_size))
+        self.tail = tail_slots(M, cfg, self.certain)
+        self.size = self.certain + self.tail
+        p = probabilities_by_rank(M, cfg, device=device)
+        self.p_tail = p[self.certain:].clone()  # (M - certain,) keep probability by tail position
+        self._priority = torch.arange(M - self.certain, 0, -1, device=device, dtype=torch.float32)  # earlier first
+        self._fixed: torch.Tensor | None = None
+
+    def fix_draw(self, generator: torch.Generator | None = None) -> None:
+        """Draw the tail once and reuse it at every step (the authors' code: one mask over rank
+        positions per run)."""
+        self._fixed = torch.rand(self.p_tail.shape, generator=generator, device=self.p_tail.device) < self.p_tail
+
+    def to(self, device) -> BatchSubset:
+        self.p_tail = self.p_tail.to(device)
+        self._priority = self._priority.to(device)
+        return self
+
+    def expected_size(self) -> float:
+        """E[classes kept per step]: the certain positions plus the expected (or fixed) tail draw."""
+        return self.certain + float((self._fixed if self._fixed is not None else self.p_tail).sum())
+
+    def sample(self, score: torch.Tensor, labels: torch.Tensor,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's classes (size,) and which of them are kept (size,) bool.
+
+        Args:
+            score: (B, M) similarity of each image to each class, higher = more similar
+                (for stored ranks pass `-rank`).
+            labels: (B,) true classes; they are always kept.
+            generator: source of randomness on score's device.
+        """
+        batch_score = score.float().amax(dim=0)  # (M,) best similarity to any image of the batch
+        batch_score = batch_score.index_fill(0, labels.long(), float("inf"))  # true classes first
+        order = torch.argsort(batch_score, descending=True, stable=True)  # (M,) classes by position
+        certain = order[: self.certain]
+        if self.tail == 0:
+            return certain, torch.ones(self.certain, dtype=torch.bool, device=score.device)
+        drawn = self._fixed if self._fixed is not None else \
+            torch.rand(self.p_tail.shape, generator=generator, device=score.device) < self.p_tail  # (M - c,)
+        # the `tail` drawn positions that come first; undrawn ones fill the rest, masked out
+        pick = torch.topk(drawn.float() * self._priority, self.tail, sorted=False).indices  # (tail,)
+        class_ids = torch.cat([certain, order[self.certain:][pick]])  # (size,)
+        keep = torch.cat([torch.ones(self.certain, dtype=torch.bool, device=score.device), drawn[pick]])
+        return class_ids, keep
+
+
+def positions_of(labels: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+    """Position (B,) of each label in class_ids (K,) without a host sync; the labels must be there."""
+    return (class_ids.unsqueeze(0) == labels.long().unsqueeze(1)).int().argmax(dim=1)

@@ -122,11 +122,15 @@ class ShallowText(nn.Module):
 
     @torch.no_grad()
     def forward(self, token_ids: torch.Tensor, trim: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (M, L) wherever they are (the EOT search stays there: no device round trip)
+        -> tokens (M, Lt, Dt) and EOT positions (M,) on the tower's device."""
         text = self.text
         eot = eot_positions(token_ids, text)  # (M,)
         length = int(eot.max()) + 1 if trim else token_ids.shape[1]
+        device = text.positional_embedding.device
+        token_ids, eot = token_ids[:, :length].to(device), eot.to(device)
         cast = text.transformer.get_cast_dtype()
-        x = text.token_embedding(token_ids[:, :length]).to(cast)  # (M, Lt, Dt)
+        x = text.token_embedding(token_ids).to(cast)  # (M, Lt, Dt)
         x = x + text.positional_embedding[:length].to(cast)
         mask = text.attn_mask[:length, :length]
         for block in text.transformer.resblocks[: self.omega]:

@@ -43,7 +43,7 @@ def test_class_batches_cover_every_row_once_and_hold_one_class():
     ({"r": 0.0}, "r must be in (0, 1]"),
     ({"lam": -1.0}, "lam must be > 0"),
     ({"epochs": 0}, "epochs must be >= 1"),
-    ({"rank": "dynamic", "cskip_variant": "paper-code"}, "paper-code CSkip variant"),
+    ({"rank": "dynamic", "cskip_variant": "paper-code", "cskip_subset": "image"}, "per-image paper-code masks"),
 ])
 def test_invalid_settings_are_refused(kwargs, message):
     with pytest.raises(ConfigError) as info:
@@ -52,16 +52,16 @@ def test_invalid_settings_are_refused(kwargs, message):
 
 
 @pytest.mark.parametrize("rank, variant", [("zeroshot", "eq7"), ("dynamic", "eq7"), ("zeroshot", "paper-code")])
-def test_class_batching_shrinks_the_text_union(tmp_path, rank, variant):
+def test_class_batching_shrinks_the_text_union_of_per_image_subsets(tmp_path, rank, variant):
     cached = run_cache(CacheConfig(dataset="synthetic", dataset_options={"num_classes": 20}, model="tiny",
                                    pretrained="none", omega=3, shots=8, root=tmp_path / "store", device="cpu", progress=False))
     unions = {}
     for batching in ("shuffle", "class"):
         run_tune(TuneConfig(store=cached.path, out=tmp_path / f"{batching}-{rank}-{variant}", epochs=1, batch_size=8,
-                            batching=batching, rank=rank, cskip_variant=variant, r=0.2, lam=1.0, warmup_epochs=0,
+                            batching=batching, rank=rank, cskip_variant=variant, cskip_subset="image", r=0.2, lam=1.0, warmup_epochs=0,
                             device="cpu", progress=False))
         rows = [json.loads(l) for l in (tmp_path / f"{batching}-{rank}-{variant}" / "metrics.jsonl").read_text().splitlines()]
-        unions[batching] = rows[-1]["union_classes_per_step"]
+        unions[batching] = rows[-1]["text_classes_per_step"]
     # 10 base classes: each image keeps its true class and ~2 top-ranked ones; 8 mixed images cover most classes
     assert unions["class"] < unions["shuffle"]
 

@@ -22,9 +22,10 @@ from skipcache.data import Task, build_task, get_dataset, load_image
 from skipcache.data.registry import get_registry
 from skipcache.errors import ConfigError
 from skipcache.loading import LoadedModel, load_model, tokenizer_for
-from skipcache.model import split_model
+from skipcache.model import DeepCLIP, ShallowCLIP, split_model
+from skipcache.placement import Placement
 from skipcache.progress import make_progress
-from skipcache.runtime import default_store_root, library_versions, resolve_device
+from skipcache.runtime import default_store_root, library_versions
 from skipcache.store import FeatureStore, SplitSpec, store_path
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,34 @@ def build_key(cfg: CacheConfig, lm: LoadedModel, task: Task, template: str) -> d
     }
 
 
+class FrozenForward:
+    """All the cache stage computes: the frozen shallow blocks on images and prompts, and the rest
+    of the frozen forward for the zero-shot logits. Built through `Placement`, so every weight
+    and buffer it touches is on the device. The frozen pass runs in fp32."""
+
+    def __init__(self, lm: LoadedModel, omega: int, placement: Placement):
+        shallow, deep = split_model(lm.model, omega)
+        self.shallow: ShallowCLIP
+        self.deep: DeepCLIP
+        self.shallow, self.deep = placement.modules(shallow, deep)
+        self.placement = placement
+
+    @torch.no_grad()
+    def text(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids (M, L) -> trimmed tokens (M, Lt, Dt), EOT (M,), zero-shot prototypes (M, E)."""
+        tokens, eot = self.shallow.text(token_ids)
+        return tokens, eot, F.normalize(self.deep.text(tokens, eot), dim=-1)
+
+    @torch.no_grad()
+    def images(self, images: torch.Tensor, class_protos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, V, 3, H, W) -> shallow tokens (V, B, Lv, Dv) and view 0's zero-shot logits (B, M)."""
+        b, v = images.shape[:2]
+        x = self.placement.tensor(images).flatten(0, 1)  # (B*V, 3, H, W)
+        tokens = self.shallow.vision(x).unflatten(0, (b, v)).transpose(0, 1)  # (V, B, Lv, Dv)
+        feats = F.normalize(self.deep.vision(tokens[0]), dim=-1)  # (B, E): the rest of the frozen forward, view 0
+        return tokens, self.deep.logit_scale * feats @ class_protos.T
+
+
 class _ShardImages(torch.utils.data.Dataset):
     """The images of one shard, as (V, 3, H, W) tensors; view v of row i is seeded by (seed, i, v)."""
 
@@ -184,7 +213,8 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     """Build (or resume, or reuse) the feature store for `cfg`. See `CacheConfig`."""
     cfg.validate()
     started = time.perf_counter()
-    device = resolve_device(cfg.device)
+    place = Placement.resolve(cfg.device, "fp32")
+    device = place.device
     # Fail fast: listing a file dataset (or rejecting an unknown name) is cheap, so it goes first;
     # rendering a procedural dataset is not, so the model (and a failed download) goes before it.
     info = get_registry().get(cfg.dataset)
@@ -193,8 +223,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     dataset = dataset or get_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
     task = build_task(dataset, shots=cfg.shots or None, seed=cfg.seed, classes=cfg.classes)
     template = cfg.template or task.templates[0]
-    shallow, deep = split_model(lm.model, cfg.omega)
-    lm.model.to(device)
+    frozen = FrozenForward(lm, cfg.omega, place)
     key = build_key(cfg, lm, task, template)
     path = store_path(Path(cfg.root), key)
     if path.exists() and not cfg.force:
@@ -203,11 +232,10 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
 
     # Probe the shapes with one tiny forward: (Lv, Dv) of the image tokens, (M, Lt, Dt) of the text.
     tokenizer = tokenizer_for(lm.name)
-    token_ids = tokenizer([template.format(c) for c in task.classnames]).to(device)
+    token_ids = tokenizer([template.format(c) for c in task.classnames])
+    text_tokens, eot, prototypes = frozen.text(token_ids)  # (M, Lt, Dt), (M,), (M, E)
     with torch.no_grad():
-        text_tokens, eot = shallow.text(token_ids)  # (M, Lt, Dt), (M,)
-        prototypes = F.normalize(deep.text(text_tokens, eot), dim=-1)  # (M, E)
-        probe = shallow.vision(torch.zeros(1, 3, lm.image_size, lm.image_size, device=device))  # (1, Lv, Dv)
+        probe = frozen.shallow.vision(torch.zeros(1, 3, lm.image_size, lm.image_size, device=device))  # (1, Lv, Dv)
     splits = [
         SplitSpec(name=s.name, n=len(s.examples), views=cfg.views if s.name == "train" else 1,
                   classes=list(s.classes), vision_shape=tuple(probe.shape[1:]))
@@ -223,7 +251,6 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
         store.write_text(text_tokens.cpu(), eot.cpu(), prototypes.cpu(), task.classnames, template)
 
     plain, augment = eval_transform(lm), augment_transform(lm)
-    logit_scale = deep.logit_scale
     computed = 0
     todo = {s.name: store.pending_shards(s.name) for s in splits}
     total = sum(len(store.shard_rows(spec.name, k)) * spec.views for spec in splits for k in todo[spec.name])
@@ -240,12 +267,8 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
                 vision, logits = [], []
                 for batch in loader:  # (B, V, 3, H, W)
                     b, v = batch.shape[:2]
-                    with torch.no_grad():
-                        x = batch.to(device).flatten(0, 1)  # (B*V, 3, H, W)
-                        tokens = shallow.vision(x).unflatten(0, (b, v)).transpose(0, 1)  # (V, B, Lv, Dv)
-                        # The rest of the frozen forward, for view 0 only: the zero-shot logits and ranks.
-                        feats = F.normalize(deep.vision(tokens[0]), dim=-1)  # (B, E)
-                    logits.append((logit_scale * feats @ class_protos.T).float().cpu())
+                    tokens, batch_logits = frozen.images(batch, class_protos)  # (V, B, Lv, Dv), (B, M_split)
+                    logits.append(batch_logits.float().cpu())
                     vision.append(tokens.to(DTYPES[cfg.dtype]).cpu())
                     computed += b * v
                     progress.advance(bar, b * v)

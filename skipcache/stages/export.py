@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from skipcache.data.base import Example, load_image
 from skipcache.errors import DataError, RunError
 from skipcache.loading import config_of, load_model, tokenizer_for
-from skipcache.runtime import resolve_device
+from skipcache.placement import Placement
 from skipcache.stages.cache import eval_transform
 from skipcache.stages.evaluate import read_run
 from skipcache.store import FeatureStore
@@ -79,9 +79,10 @@ class Prediction:
 @torch.no_grad()
 def run_predict(run_dir: Path, images: list[Path], *, top_k: int = 5, device: str = "auto", batch_size: int = 32) -> list[Prediction]:
     """Top-k classes (over all the store's classes) for raw image files, through the merged model."""
-    dev = resolve_device(device)
+    place = Placement.resolve(device, "fp32")
+    dev = place.device
     lm, store = merged_model(Path(run_dir))
-    model = lm.model.to(dev).eval()
+    model = place.modules(lm.model).eval()
     text = store.read_text()
     classnames, template = text["classnames"], text["template"]
     token_ids = tokenizer_for(lm.name)([template.format(c) for c in classnames]).to(dev)

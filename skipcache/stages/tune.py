@@ -29,8 +29,10 @@ from skipcache import cskip
 from skipcache.errors import ConfigError, IncompleteStore, RunError, StoreError
 from skipcache.loading import load_model
 from skipcache.model import DeepCLIP, split_model
+from skipcache.placement import Placement, prefetch_to_device
 from skipcache.progress import make_progress
-from skipcache.runtime import default_store_root, library_versions, resolve_device, seed_everything, torch_save_atomic, utc_now, write_json_atomic, write_text_atomic
+from skipcache.runtime import default_store_root, library_versions, seed_everything, torch_save_atomic, utc_now, write_json_atomic, write_text_atomic
+from skipcache.step import STAT_NAMES, StepTimer, TuneStep, make_optimizer
 from skipcache.store import FeatureStore, find_stores
 
 
@@ -48,7 +50,10 @@ class TuneConfig:
         lr_image: learning rate of the image side; None means lr / 4 (paper: 5e-6 for 2e-5).
         weight_decay, momentum: SGD settings (paper: 5e-4, 0.9).
         warmup_epochs: epochs at constant `warmup_lr` before the cosine schedule (paper: 1).
-        r, lam, max_top, cskip_variant, cskip: CSkip settings (see skipcache.cskip).
+        r, lam, max_top, cskip_variant, cskip, cskip_subset: CSkip settings (see skipcache.cskip).
+            `cskip_subset` is `batch` (one fixed-size subset per step, shared by the batch: the
+            text tower runs on about E[kept] classes) or `image` (a subset per image; the text
+            tower runs on their union).
         rank: `zeroshot` (rankings stored by the cache stage) or `dynamic` (the current model's
             image features against the zero-shot prototypes, computed every step).
         batching: `shuffle` (rows shuffled across classes, streamed from the store) or `class`
@@ -59,6 +64,8 @@ class TuneConfig:
         seed: seed of weights' RNG uses, batch order and CSkip draws.
         resume: continue the run in `out` from its last checkpoint.
         device: auto, cpu, cuda, cuda:N.
+        precision: `auto` (bf16 autocast on CUDA, fp32 on the CPU), `fp32` or `bf16`; weights
+            stay fp32 either way.
         workers: unused by the store reader (it prefetches in a thread); kept for CLI symmetry.
         pretrained: weights to load when the store's own source is not available (a path).
         progress: draw a progress bar.
@@ -83,17 +90,20 @@ class TuneConfig:
     max_top: int | None = None
     cskip_variant: str = "eq7"
     cskip: bool = True
+    cskip_subset: str = "batch"
     rank: str = "zeroshot"
     batching: str = "shuffle"
     seed: int = 1
     resume: bool = False
     device: str = "auto"
+    precision: str = "auto"
     workers: int = 0
     pretrained: str | None = None
     progress: bool = True
 
     def cskip_config(self) -> cskip.CSkipConfig:
-        return cskip.CSkipConfig(r=self.r, lam=self.lam, max_top=self.max_top, variant=self.cskip_variant, enabled=self.cskip)
+        return cskip.CSkipConfig(r=self.r, lam=self.lam, max_top=self.max_top, variant=self.cskip_variant, enabled=self.cskip,
+                                 subset=self.cskip_subset)
 
     def validate(self) -> None:
         self.cskip_config()
@@ -107,8 +117,8 @@ class TuneConfig:
             raise ConfigError(f"batching must be 'shuffle' or 'class', got {self.batching!r}")
         if self.rank not in ("zeroshot", "dynamic"):
             raise ConfigError(f"rank must be 'zeroshot' or 'dynamic', got {self.rank!r}")
-        if self.rank == "dynamic" and self.cskip_variant == "paper-code":
-            raise ConfigError("the paper-code CSkip variant draws its masks once from zero-shot ranks; use --rank zeroshot with it")
+        if self.rank == "dynamic" and self.cskip_variant == "paper-code" and self.cskip_subset == "image":
+            raise ConfigError("per-image paper-code masks are drawn once from zero-shot ranks; use --rank zeroshot or --cskip-subset batch with it")
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs and self.epochs > 1:
             raise ConfigError(f"warmup epochs must be in [0, epochs), got {self.warmup_epochs} for {self.epochs} epochs")
 
@@ -153,7 +163,7 @@ def resolve_store(cfg: TuneConfig) -> FeatureStore:
     return FeatureStore.open(found[0])
 
 
-def load_deep_model(store: FeatureStore, device: torch.device, pretrained: str | None = None) -> DeepCLIP:
+def load_deep_model(store: FeatureStore, device: torch.device | Placement, pretrained: str | None = None) -> DeepCLIP:
     """The deep part of the store's model with its pretrained weights; the shallow part is freed."""
     key = store.key
     source = pretrained or store.attrs.get("pretrained_source") or key["pretrained_label"]
@@ -163,7 +173,8 @@ def load_deep_model(store: FeatureStore, device: torch.device, pretrained: str |
             f"weights {source!r} (hash {lm.weights_hash}) are not the ones the store was cached with ({key['weights_hash']}); "
             "pass the original weights with --pretrained, or re-cache")
     _, deep = split_model(lm.model, key["omega"], keep_shallow=False)
-    return deep.to(device)
+    place = device if isinstance(device, Placement) else Placement(torch.device(device))
+    return place.modules(deep)
 
 
 def _lr_at(step: int, cfg: TuneConfig, steps_per_epoch: int, base_lr: float) -> float:
@@ -203,11 +214,52 @@ def _default_out(store: FeatureStore) -> Path:
     return Path("runs") / f"{key['dataset']}-{key['model']}-omega{key['omega']}-{stamp}"
 
 
+@dataclass
+class Training:
+    """What `setup_training` builds: the model, optimiser and step, and how an epoch is cut."""
+
+    deep: DeepCLIP
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator | None
+    step: TuneStep
+    lrs: dict[str, float]
+    steps_per_epoch: int
+    in_memory: dict | None  # the train split, read once, for class batching
+
+
+def setup_training(cfg: TuneConfig, store: FeatureStore, place: Placement) -> Training:
+    """The deep model, its optimiser and the step function for `cfg`, all placed through `place`;
+    the CSkip mode and the batching are fixed here, once, before the loop."""
+    deep = load_deep_model(store, place, cfg.pretrained)
+    split = store.splits["train"]
+    text = store.read_text()
+    train_classes = torch.as_tensor(split.classes)
+    text = {k: place.tensor(text[k][train_classes]) for k in ("tokens", "eot", "prototypes")}  # (M_train, ...)
+    skip = cfg.cskip_config()
+    lrs = {"vision": cfg.lr_image or cfg.lr / 4, "text": cfg.lr}
+    optimizer = make_optimizer(deep.layer_groups(), lrs, momentum=cfg.momentum, weight_decay=cfg.weight_decay, placement=place)
+    generator = place.generator(cfg.seed)
+    in_memory = store.read_split("train", dtype=None) if cfg.batching == "class" else None
+    if in_memory is not None:
+        counts = torch.bincount(in_memory["labels"], minlength=len(split.classes))
+        steps_per_epoch = int(sum(math.ceil(int(c) / cfg.batch_size) for c in counts))
+    else:
+        steps_per_epoch = math.ceil(split.n / cfg.batch_size)
+    fixed = None
+    if skip.enabled and skip.variant == "paper-code" and skip.subset == "image":
+        whole = in_memory or store.read_split("train", include_vision=False)
+        fixed = cskip.fixed_masks(place.tensor(whole["zeroshot_rank"]), place.tensor(whole["labels"]), skip, generator)
+    step = TuneStep(deep, text, skip, rank=cfg.rank, batch_size=cfg.batch_size, optimizer=optimizer,
+                    placement=place, generator=generator, fixed_masks=fixed)
+    return Training(deep, optimizer, generator, step, lrs, steps_per_epoch, in_memory)
+
+
 def run_tune(cfg: TuneConfig) -> TuneResult:
     """Train the deep layers on a store; see the module docstring for what the run directory holds."""
     cfg.validate()
     started = time.perf_counter()
-    device = resolve_device(cfg.device)
+    place = Placement.resolve(cfg.device, cfg.precision)
+    device = place.device
     store = resolve_store(cfg)
     if "train" not in store.splits:
         raise StoreError(f"store {store.path} has no train split")
@@ -223,31 +275,9 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
     resolved.update(store=str(store.path), out=str(out), lr_image=cfg.lr_image or cfg.lr / 4)
     write_json_atomic(out / "config.json", resolved)
 
-    deep = load_deep_model(store, device, cfg.pretrained)
-    split = store.splits["train"]
-    text = store.read_text()
-    train_classes = torch.as_tensor(split.classes, device=device)
-    text_tokens = text["tokens"].to(device)[train_classes]  # (M_train, Lt, Dt)
-    text_eot = text["eot"].to(device)[train_classes]  # (M_train,)
-    prototypes = text["prototypes"].to(device)[train_classes]  # (M_train, E)
-    skip = cfg.cskip_config()
-    groups = deep.layer_groups()
-    lrs = {"vision": cfg.lr_image or cfg.lr / 4, "text": cfg.lr}
-    optimizer = torch.optim.SGD(
-        [{"params": groups[g], "lr": lrs[g], "name": g} for g in ("vision", "text")],
-        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-    )
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    in_memory = store.read_split("train", dtype=None) if cfg.batching == "class" else None
-    if in_memory is not None:
-        counts = torch.bincount(in_memory["labels"], minlength=len(split.classes))
-        steps_per_epoch = int(sum(math.ceil(int(c) / cfg.batch_size) for c in counts))
-    else:
-        steps_per_epoch = math.ceil(split.n / cfg.batch_size)
-    fixed = None
-    if skip.enabled and skip.variant == "paper-code":
-        whole = in_memory or store.read_split("train", include_vision=False)
-        fixed = cskip.fixed_masks(whole["zeroshot_rank"].to(device), whole["labels"].to(device), skip, generator)
+    setup = setup_training(cfg, store, place)
+    deep, optimizer, generator, train_step = setup.deep, setup.optimizer, setup.generator, setup.step
+    split, in_memory, steps_per_epoch, lrs = store.splits["train"], setup.in_memory, setup.steps_per_epoch, setup.lrs
 
     start_epoch, history = 0, []
     if cfg.resume:
@@ -259,59 +289,42 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         generator.set_state(state["generator"].cpu())  # RNG states are CPU byte tensors, whatever the device
         start_epoch, history = state["epoch"], state["history"]
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    step_times: list[float] = []
+    timer = StepTimer(place)
     views = split.views
+    # the reader hands over the storage dtype (half the bytes to copy); the step computes in fp32/autocast
+    read_dtype = None if place.is_cuda else torch.float32
     with make_progress(cfg.progress, unit="step", metrics=True) as progress:
         bar = progress.add_task("tune", total=steps_per_epoch * (cfg.epochs - start_epoch), metrics="")
         for epoch in range(start_epoch, cfg.epochs):
             deep.train()
-            sums = {"loss": 0.0, "correct": 0, "seen": 0, "kept": 0.0, "union": 0.0, "steps": 0}
+            totals = torch.zeros(len(STAT_NAMES), device=device)  # summed on the device: no sync per step
             if in_memory is not None:
                 batches = class_batches(in_memory, cfg.batch_size, view=epoch % views, seed=cfg.seed * 1000 + epoch)
             else:
-                batches = store.iter_batches("train", cfg.batch_size, view=epoch % views, shuffle=True, seed=cfg.seed * 1000 + epoch)
-            for i, batch in enumerate(batches):
-                t0 = time.perf_counter()
+                batches = store.iter_batches("train", cfg.batch_size, view=epoch % views, shuffle=True,
+                                             seed=cfg.seed * 1000 + epoch, dtype=read_dtype)
+            shown = time.perf_counter()
+            for i, batch in enumerate(prefetch_to_device(batches, place)):
                 step = epoch * steps_per_epoch + i
                 for g in optimizer.param_groups:
                     g["lr"] = _lr_at(step, cfg, steps_per_epoch, lrs[g["name"]])
-                vision = batch["vision"].to(device, non_blocking=True)  # (B, Lv, Dv)
-                labels = batch["labels"].to(device)  # (B,) local to the train classes
-                with autocast:
-                    image = deep.encode_image(vision)  # (B, E)
-                    if fixed is not None:
-                        keep = fixed[batch["index"].to(device)]
-                    else:
-                        rank = cskip.dynamic_rank(image.detach().float(), prototypes) if cfg.rank == "dynamic" else batch["zeroshot_rank"].to(device)
-                        keep = cskip.sample_keep_mask(rank, labels, skip, generator)  # (B, M_train)
-                    class_ids, mask = cskip.union_and_mask(keep)  # (U,), (B, U)
-                    text_feats = deep.encode_text(text_tokens[class_ids], text_eot[class_ids])  # (U, E)
-                    logits = deep.logit_scale * image @ text_feats.T  # (B, U)
-                target = cskip.target_positions(class_ids, labels)
-                loss = cskip.masked_cross_entropy(logits.float(), mask, target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                step_times.append(time.perf_counter() - t0)
-                with torch.no_grad():
-                    pred = logits.float().masked_fill(~mask, float("-inf")).argmax(dim=1)
-                    sums["loss"] += loss.item() * len(labels)
-                    sums["correct"] += int((pred == target).sum())
-                    sums["seen"] += len(labels)
-                    sums["kept"] += float(mask.sum())
-                    sums["union"] += len(class_ids)
-                    sums["steps"] += 1
-                progress.update(bar, advance=1, description=f"tune epoch {epoch + 1}/{cfg.epochs}",
-                                metrics=f"loss {sums['loss'] / sums['seen']:.3f} acc {100 * sums['correct'] / sums['seen']:.1f}")
+                timer.start()
+                totals += train_step(batch)
+                timer.stop()
+                progress.advance(bar)
+                if time.perf_counter() - shown > 1.0 or i == steps_per_epoch - 1:  # one host sync a second
+                    shown = time.perf_counter()
+                    t = dict(zip(STAT_NAMES, totals.tolist()))
+                    progress.update(bar, description=f"tune epoch {epoch + 1}/{cfg.epochs}",
+                                    metrics=f"loss {t['loss_sum'] / max(1, t['images']):.3f} acc {100 * t['correct'] / max(1, t['images']):.1f}")
+            t = dict(zip(STAT_NAMES, totals.tolist()))
+            steps_done = max(1, i + 1)
             row = {
                 "epoch": epoch + 1,
-                "loss": sums["loss"] / max(1, sums["seen"]),
-                "train_acc": 100 * sums["correct"] / max(1, sums["seen"]),
-                "classes_kept_per_image": sums["kept"] / max(1, sums["seen"]),
-                "union_classes_per_step": sums["union"] / max(1, sums["steps"]),
+                "loss": t["loss_sum"] / max(1, t["images"]),
+                "train_acc": 100 * t["correct"] / max(1, t["images"]),
+                "classes_kept_per_image": t["kept"] / max(1, t["images"]),
+                "text_classes_per_step": t["classes"] / steps_done,
                 "lr_text": optimizer.param_groups[1]["lr"],
                 "time_utc": utc_now(),
             }
@@ -322,6 +335,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
             write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
     save_file(deep.deep_state_dict(), str(out / "deep.safetensors"), metadata={"omega": str(deep.omega), "model": store.key["model"]})
+    step_times = timer.times()
     warm = sorted(step_times[5:] or step_times)
     peak_mib, method = _peak_memory(device)
     result = TuneResult(
