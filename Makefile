@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast demo benchmark tiny-clip clean
+.PHONY: install test test-fast demo benchmark gpu-check tiny-clip clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,13 @@ demo: install            ## cache -> tune -> eval on the built-in synthetic base
 
 benchmark: install       ## time and memory: FT vs LSkip vs LSkip+CSkip, cache stage, store reads
 	$(PY) -m skipcache.bench --model ViT-B-16 --out build/benchmark.json
+
+# On a GPU machine. Installs nothing: pass a Python that already has the dependencies, e.g.
+# `make gpu-check PY=python3`. Under 5 minutes on one H200; the report lands in build/gpu-check/.
+gpu-check:               ## CUDA tests, the demo on CUDA, ViT-B-16 FT vs Skip Tuning step and tune-stage costs
+	$(PY) -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py
+	$(PY) -m skipcache run pipelines/demo.toml --device cuda --out build/gpu-check/demo
+	$(PY) -m skipcache.bench.gpu_check --out build/gpu-check
 
 tiny-clip: install       ## re-pretrain the shipped synth-vit weights from scratch (GPU: ~8 min)
 	$(PY) -m skipcache.synthworld.pretrain --out build/tiny-clip --minutes 8 --device auto

@@ -30,9 +30,17 @@ def test_quick_benchmark_reports_every_configuration(tmp_path):
         assert "error" not in r, f"{name}: {r.get('error')}"
         assert r["step_s"] > 0 and r["peak_mib"] >= 0 and r["memory_method"]
     for name in TRAIN_CONFIGS:
-        assert results[name]["speedup_vs_ft"] > 0
-    assert results["LSkip+trim"]["text_tokens"] <= results["LSkip"]["text_tokens"]
-    assert 1 <= results["Skip Tuning"]["mean_union"] <= 10
+        r = results[name]
+        assert r["speedup_vs_conventional_ft"] > 0 and r["speedup_vs_ft_harness"] > 0
+        assert r["flops_per_step"] > 0 and r["tflops_per_s"] > 0 and r["precision"] == "fp32"
+    # the harness trims prompts to max(EOT) + 1; conventional FT runs the whole context
+    assert results["FT (harness)"]["text_tokens"] < results["conventional FT"]["text_tokens"]
+    assert results["FT (harness)"]["omega"] == 0 < results["Skip Tuning"]["omega"]
+    # 10 classes, r = 0.5: 6 certain positions (ranks 0..5) plus the tail slots, at most all 10
+    assert results["LSkip"]["text_classes_per_step"] == 10
+    assert 6 <= results["Skip Tuning"]["text_classes_per_step"] <= 10
+    # fewer trainable weights and fewer FLOPs than FT at omega = 0
+    assert results["Skip Tuning"]["flops_per_step"] < results["FT (harness)"]["flops_per_step"] < results["conventional FT"]["flops_per_step"]
     assert results["cache"]["images_per_s"] > 0 and results["cache"]["prompts_per_s"] > 0
     assert results["store"]["rows_per_s"] > 0 and results["store"]["mib_per_s"] > 0
     assert report["meta"]["options"]["model"] == "tiny"

@@ -1,5 +1,6 @@
-"""`python -m skipcache.bench`: time and peak memory of FT, LSkip, LSkip+trim and Skip Tuning steps,
-cache-stage throughput and store read throughput, each configuration in a fresh child process.
+"""`python -m skipcache.bench`: time, FLOPs and peak memory of the tune stage's step against
+conventional FT, cache-stage throughput and store read throughput, each configuration in a fresh
+child process.
 
     python -m skipcache.bench                      # ViT-B-16, random init, 100 prompts, batch 4
     python -m skipcache.bench --quick --json       # the tiny model: a smoke run for CI
@@ -30,8 +31,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 2 on CUDA, 1 on CPU)")
+    p.add_argument("--max-top", type=int, default=None, help="CSkip: cap on the always-kept set (the authors' code: 50)")
+    p.add_argument("--precision", default="auto", help="auto (the tune stage's: bf16 on CUDA, fp32 on CPU), fp32 or bf16")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child (default: torch's)")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--matmul", action="store_true", help="also measure the device's bf16 matmul rate (percent of it per step)")
     p.add_argument("--quick", action="store_true", help="tiny model, small store: a smoke run in seconds")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON results to this file")
@@ -45,7 +49,7 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
     opts = BenchOptions(model=args.model or ("tiny" if args.quick else "ViT-B-16"), pretrained=args.pretrained,
                         omega=args.omega, classes=args.classes, batch_size=args.batch_size, device=args.device,
                         steps=args.steps or (5 if cuda else 3), warmup=args.warmup if args.warmup is not None else (2 if cuda else 1),
-                        threads=args.threads)
+                        threads=args.threads, max_top=args.max_top, precision=args.precision)
     if args.quick:
         opts.cache_batch, opts.store_rows = 8, 128
     return opts
@@ -70,25 +74,26 @@ def render(results: dict, meta: dict) -> None:
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)
-    ft = results.get("FT", {}).get("step_s")
+    ft = results.get("conventional FT", {}).get("step_s")
+    harness = results.get("FT (harness)", {}).get("step_s")
     t = Table(title=f"{meta['options']['model']} · {meta['device_name']} · M={meta['options']['classes']} prompts, "
                     f"batch {meta['options']['batch_size']}")
     t.caption = "peak MiB: " + next((r["memory_method"] for r in results.values() if "memory_method" in r), "-")
-    for col in ("config", "step s (median)", "speed-up vs FT", "peak MiB", "method", "notes"):
-        t.add_column(col, justify="right" if col[0] in "sp" else "left")
+    for col in ("config", "step ms", "× conv. FT", "× FT harness", "peak MiB", "GFLOP/step", "TFLOP/s", "notes"):
+        t.add_column(col, justify="left" if col in ("config", "notes") else "right")
     for name in TRAIN_CONFIGS:
         r = results.get(name)
         if r is None:
             continue
         if "error" in r:
-            t.add_row(name, "failed", "", "", r["error"][:80], "")
+            t.add_row(name, "failed", "", "", "", "", "", r["error"][:80])
             continue
-        notes = f"ω={r['omega']}, text {r['text_tokens']} tok"
-        if "mean_union" in r:
-            notes += f", union {r['mean_union']:.1f}/{r['prompts']}"
-        method = "cuda max allocated" if r["memory_method"].startswith("torch.cuda") else "RSS peak − start"
-        t.add_row(name, f"{r['step_s']:.3f}", f"{ft / r['step_s']:.2f}×" if ft else "-", f"{r['peak_mib']:.0f}",
-                  method, notes)
+        notes = f"ω={r['omega']}, text {r['text_tokens']} tok, {r['text_classes_per_step']:.0f}/{r['prompts']} classes/step"
+        peak = r.get("peak_fraction_of_matmul")
+        t.add_row(name, f"{1000 * r['step_s']:.1f}", f"{ft / r['step_s']:.2f}" if ft else "-",
+                  f"{harness / r['step_s']:.2f}" if harness else "-", f"{r['peak_mib']:.0f}",
+                  f"{r['flops_per_step'] / 1e9:.1f}",
+                  f"{r['tflops_per_s']:.2f}" + (f" ({100 * peak:.1f}%)" if peak is not None else ""), notes)
     console.print(t)
     if "cache" in results and "error" not in results["cache"]:
         c = results["cache"]
@@ -113,15 +118,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
         return 2
     meta = machine(opts) | {"options": asdict(opts)}
+    if args.matmul:
+        from skipcache.bench.steps import matmul_tflops
+        from skipcache.runtime import resolve_device
+
+        meta["matmul_tflops_bf16"] = matmul_tflops(resolve_device(opts.device))
     results, started = {}, time.perf_counter()
     for name in names:
         if not args.json:
             print(f"measuring {name} ...", file=sys.stderr, flush=True)
         results[name] = run_in_child(name, opts)
-    ft = results.get("FT", {}).get("step_s")
+    ft = results.get("conventional FT", {}).get("step_s")
+    harness = results.get("FT (harness)", {}).get("step_s")
     for name in TRAIN_CONFIGS:
-        if ft and "step_s" in results.get(name, {}):
-            results[name]["speedup_vs_ft"] = ft / results[name]["step_s"]
+        r = results.get(name, {})
+        if "step_s" not in r:
+            continue
+        if ft:
+            r["speedup_vs_conventional_ft"] = ft / r["step_s"]
+            r["memory_ratio_vs_conventional_ft"] = results["conventional FT"]["peak_mib"] / max(r["peak_mib"], 1e-9)
+        if harness:
+            r["speedup_vs_ft_harness"] = harness / r["step_s"]
+        if meta.get("matmul_tflops_bf16"):
+            r["peak_fraction_of_matmul"] = r["tflops_per_s"] / meta["matmul_tflops_bf16"]
     meta["total_s"] = time.perf_counter() - started
     report = {"meta": meta, "results": results}
     if args.out:

@@ -1,15 +1,22 @@
 """What `python -m skipcache.bench` measures: one function per configuration, each run in a fresh
 spawned child process so that its peak memory is its own.
 
-Training configurations time one optimizer step (forward + backward + SGD step, synchronized on
-CUDA) and report the median over `steps` timed steps after `warmup` untimed ones:
+Training configurations time the tune stage's own step function (`skipcache.step`), in the
+stage's precision (bf16 autocast on CUDA, fp32 on the CPU), with the same fused SGD for all:
 
-    FT           4 raw images + M prompts (77 tokens) through the whole model, every weight trained
-    LSkip        deep blocks omega+1..N only, from cached tokens (random tensors of the cached
-                 shapes), all M prompts, untrimmed text
-    LSkip+trim   the same with the text trimmed to max(EOT) + 1 of the real prompts
-    Skip Tuning  LSkip + trim + CSkip (Eq. 7, r = 0.5, lambda = 0.3, random zero-shot ranks): the
-                 text tower runs on the union of kept classes over the batch
+    conventional FT   `ConventionalFTStep`: open_clip's whole forward from 4 raw images and M
+                      77-token prompts, every class, every weight trained (how the paper and its
+                      peers run FT)
+    FT (harness)      `TuneStep` at omega = 0 without CSkip: every block trained, from cached
+                      embeddings, text trimmed to max(EOT) + 1
+    LSkip             `TuneStep` at omega, without CSkip
+    Skip Tuning       `TuneStep` at omega with CSkip's batch subset (Eq. 7, r = 0.5, lambda = 0.3)
+    Skip Tuning (per-image)  the same with a subset per image: the text tower runs on their union
+
+Inputs are random tensors of the cached shapes and random zero-shot ranks (random init costs
+what pretrained weights cost). A step's time is the mean over `steps` back-to-back steps after
+`warmup` untimed ones, with one synchronisation at the end (the stage never synchronises inside
+a step either). FLOPs of one step (forward + backward) come from torch's FlopCounterMode.
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` (reset after warm-up, so it includes the
 weights, gradients and optimizer state); on CPU the child's peak RSS (ru_maxrss) minus its RSS
@@ -25,7 +32,6 @@ import multiprocessing as mp
 import queue
 import resource
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-TRAIN_CONFIGS = ("FT", "LSkip", "LSkip+trim", "Skip Tuning")
+TRAIN_CONFIGS = ("conventional FT", "FT (harness)", "LSkip", "Skip Tuning", "Skip Tuning (per-image)")
 CONFIGS = TRAIN_CONFIGS + ("cache", "store")
 FOOD = (
     "apple pie,baby back ribs,baklava,beef carpaccio,beef tartare,beet salad,beignets,bibimbap,bread pudding,"
@@ -70,6 +76,8 @@ class BenchOptions:
     store_rows: int = 512
     r: float = 0.5
     lam: float = 0.3
+    max_top: int | None = None
+    precision: str = "auto"  # the tune stage's: bf16 autocast on CUDA, fp32 on the CPU
     seed: int = 0
 
 
@@ -102,7 +110,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(fn, device: torch.device, steps: int, warmup: int) -> dict:
-    """Run fn warmup + steps times; median seconds of the timed runs and the peak memory."""
+    """Run fn warmup + steps times; mean seconds of the timed runs (one sync at the end) and the peak memory."""
     _sync(device)
     base = _rss_mib() if device.type == "cpu" else None
     for _ in range(warmup):
@@ -110,13 +118,11 @@ def _timed(fn, device: torch.device, steps: int, warmup: int) -> dict:
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    t0 = time.perf_counter()
     for _ in range(steps):
-        t0 = time.perf_counter()
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    out = {"step_s": statistics.median(times), "step_times_s": times}
+    _sync(device)
+    out = {"step_s": (time.perf_counter() - t0) / max(1, steps)}
     if device.type == "cuda":
         out.update(peak_mib=torch.cuda.max_memory_allocated(device) / 2**20,
                    memory_method="torch.cuda.max_memory_allocated (after warm-up; weights included)")
@@ -126,102 +132,113 @@ def _timed(fn, device: torch.device, steps: int, warmup: int) -> dict:
     return out
 
 
+def step_flops(fn) -> int:
+    """FLOPs of one call (forward + backward matmuls and convolutions), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, dtype=torch.bfloat16) -> float:
+    """The device's measured dense matmul rate (TFLOP/s) at n x n x n in `dtype`."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps = 20 if device.type == "cuda" else 1
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
 # ---- the configurations ---------------------------------------------------------------------
-
-
-def _sgd(params, lr_groups=None):
-    groups = lr_groups or [{"params": list(params)}]
-    return torch.optim.SGD(groups, lr=2e-5, momentum=0.9, weight_decay=5e-4)
 
 
 def _setup(opts: BenchOptions):
     from skipcache.loading import load_model, tokenizer_for
     from skipcache.model import eot_positions, tower_depths
-    from skipcache.runtime import resolve_device
+    from skipcache.placement import Placement
 
-    device = resolve_device(opts.device)
+    place = Placement.resolve(opts.device, opts.precision)
     lm = load_model(opts.model, opts.pretrained, seed=opts.seed)
     n = min(tower_depths(lm.model))
     omega = n // 2 if opts.omega is None else opts.omega
     token_ids = tokenizer_for(opts.model)([TEMPLATE.format(c) for c in classnames(opts.classes)])
     eot = eot_positions(token_ids, lm.model)
-    return device, lm, omega, token_ids, eot
+    return place, lm, omega, token_ids, eot
 
 
 def _train(name: str, opts: BenchOptions) -> dict:
     from skipcache import cskip
     from skipcache.model import split_model
+    from skipcache.step import ConventionalFTStep, TuneStep, make_optimizer
 
-    device, lm, omega, token_ids, eot = _setup(opts)
+    place, lm, omega, token_ids, eot = _setup(opts)
     g = torch.Generator().manual_seed(opts.seed)
     B, M = opts.batch_size, opts.classes
-    labels = torch.randint(M, (B,), generator=g).to(device)
-    info: dict = {"omega": omega, "prompts": M, "text_tokens": int(token_ids.shape[1])}
-    if name == "FT":
-        model = lm.model.to(device).train()
+    labels = torch.randint(M, (B,), generator=g)
+    info: dict = {"omega": omega, "prompts": M, "text_tokens": int(token_ids.shape[1]), "precision": place.precision}
+    lrs = {"vision": 5e-6, "text": 2e-5}
+    if name == "conventional FT":
+        model = place.modules(lm.model).train()
         for p in model.parameters():
             p.requires_grad_(True)
-        images = torch.randn(B, 3, lm.image_size, lm.image_size, generator=g).to(device)
-        ids = token_ids.to(device)
-        opt = _sgd(model.parameters())
-        info["omega"] = 0
-        info["trainable_params"] = sum(p.numel() for p in model.parameters())
-
-        def step():
-            image = F.normalize(model.encode_image(images), dim=-1)
-            text = F.normalize(model.encode_text(ids), dim=-1)
-            loss = F.cross_entropy(model.logit_scale.exp() * image @ text.T, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        visual = list(model.visual.parameters())
+        seen = {id(p) for p in visual}
+        groups = {"vision": visual, "text": [p for p in model.parameters() if id(p) not in seen]}
+        opt = make_optimizer(groups, lrs, momentum=0.9, weight_decay=5e-4, placement=place)
+        step = ConventionalFTStep(model, place.tensor(token_ids), opt, place)
+        batch = {"images": torch.randn(B, 3, lm.image_size, lm.image_size, generator=g), "labels": labels}
+        info.update(omega=0, trainable_params=sum(p.numel() for p in model.parameters()))
     else:
         visual = lm.model.visual
         grid = visual.grid_size if hasattr(visual, "grid_size") else None
         lv = int(grid[0] * grid[1]) + 1 if grid else int(visual.positional_embedding.shape[0])
         dv = int(visual.transformer.width)
-        _, deep = split_model(lm.model, omega, keep_shallow=False)  # the tune stage holds no shallow weights
-        deep.to(device).train()
+        at = 0 if name == "FT (harness)" else omega
+        _, deep = split_model(lm.model, at, keep_shallow=False)  # the tune stage holds no shallow weights
+        deep = place.modules(deep).train()
         dt = int(deep.text.ln_final.normalized_shape[0])
-        lt = int(eot.max()) + 1 if name != "LSkip" else int(token_ids.shape[1])
-        info.update(text_tokens=lt, vision_tokens=lv, trainable_params=sum(p.numel() for p in deep.parameters()))
-        vision = torch.randn(B, lv, dv, generator=g).to(device)
-        text_tokens = torch.randn(M, lt, dt, generator=g).to(device)
-        text_eot = eot.to(device)
-        groups = deep.layer_groups()
-        opt = _sgd(None, [{"params": groups["vision"], "lr": 5e-6}, {"params": groups["text"], "lr": 2e-5}])
-        skip = cskip.CSkipConfig(r=opts.r, lam=opts.lam) if name == "Skip Tuning" else None
-        cgen = torch.Generator(device=device).manual_seed(opts.seed)
-        unions: list[int] = []
+        lt = int(eot.max()) + 1
+        embed = int(deep.vision.proj.shape[1]) if deep.vision.proj is not None else dv
+        text = {"tokens": torch.randn(M, lt, dt, generator=g), "eot": eot,
+                "prototypes": F.normalize(torch.randn(M, embed, generator=g), dim=-1)}
+        text = {k: place.tensor(v) for k, v in text.items()}
+        skip = cskip.CSkipConfig(r=opts.r, lam=opts.lam, max_top=opts.max_top, enabled=name.startswith("Skip Tuning"),
+                                 subset="image" if "per-image" in name else "batch")
+        opt = make_optimizer(deep.layer_groups(), lrs, momentum=0.9, weight_decay=5e-4, placement=place)
+        step = TuneStep(deep, text, skip, rank="zeroshot", batch_size=B, optimizer=opt, placement=place,
+                        generator=place.generator(opts.seed))
+        ranks = torch.stack([torch.randperm(M, generator=g) for _ in range(B)])  # random zero-shot ranks per image
+        batch = {"vision": torch.randn(B, lv, dv, generator=g), "labels": labels, "zeroshot_rank": ranks}
+        info.update(omega=at, text_tokens=lt, vision_tokens=lv, trainable_params=sum(p.numel() for p in deep.parameters()))
+        if skip.enabled:
+            info["expected_kept_per_image"] = cskip.expected_kept(M, skip)
+    batch = {k: place.tensor(v) for k, v in batch.items()}
+    last: list[torch.Tensor] = []
 
-        def step():
-            image = deep.encode_image(vision)
-            if skip is None:
-                text = deep.encode_text(text_tokens, text_eot)
-                loss = F.cross_entropy(deep.logit_scale * image @ text.T, labels)
-            else:  # random zero-shot ranks: a random permutation of the classes per image
-                rank = torch.argsort(torch.rand(B, M, generator=cgen, device=device), dim=1)
-                keep = cskip.sample_keep_mask(rank, labels, skip, cgen)
-                class_ids, mask = cskip.union_and_mask(keep)
-                unions.append(len(class_ids))
-                text = deep.encode_text(text_tokens[class_ids], text_eot[class_ids])
-                target = cskip.target_positions(class_ids, labels)
-                loss = cskip.masked_cross_entropy(deep.logit_scale * image @ text.T, mask, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    info.update(_timed(step, device, opts.steps, opts.warmup))
-    if name == "Skip Tuning":
-        info["mean_union"] = sum(unions) / len(unions)
-        info["expected_kept_per_image"] = cskip.expected_kept(M, skip)
+    def run():
+        last[:] = [step(batch)]
+
+    info.update(_timed(run, place.device, opts.steps, opts.warmup))
+    info["text_classes_per_step"] = float(last[0][3])
+    info["flops_per_step"] = step_flops(run)
+    info["tflops_per_s"] = info["flops_per_step"] / info["step_s"] / 1e12
     return info
 
 
 def _cache(opts: BenchOptions) -> dict:
     from skipcache.model import split_model
 
-    device, lm, omega, token_ids, _ = _setup(opts)
-    shallow, _ = split_model(lm.model, omega)
-    lm.model.to(device)
+    place, lm, omega, token_ids, _ = _setup(opts)
+    device = place.device
+    shallow, deep = split_model(lm.model, omega)
+    place.modules(shallow, deep)
     g = torch.Generator().manual_seed(opts.seed)
     images = torch.randn(opts.cache_batch, 3, lm.image_size, lm.image_size, generator=g).to(device)
     ids = token_ids.to(device)
