@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,14 +21,47 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
-from skipcache.errors import SkipcacheError
+from skipcache.errors import ConfigError, SkipcacheError
 from skipcache.runtime import DATA_ENV, STORE_ENV, default_store_root
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Skip Tuning for CLIP: cache the frozen shallow layers once, fine-tune the deep layers many times.")
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # scripts: no broken paths
 err = Console(stderr=True, soft_wrap=True)
+
+
+def _print_error(message: str) -> None:
+    # The message is plain text: escape it, or rich eats `[...]` in it as markup.
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """A malformed command line (unknown option, value of the wrong type, missing argument) is one
+    `error: ...` line that points at `--help`, like every other user error, not a framed usage block."""
+
+    # typer ships its own click; its usage errors all derive from BadParameter's base class.
+    _usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+    @classmethod
+    def _guard(cls, call):
+        try:
+            return call()
+        except cls._usage_error as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                raise  # `skipcache` alone prints the help
+            where = exc.ctx.command_path if exc.ctx is not None else "skipcache"
+            _print_error(f"{exc.format_message().rstrip('.')}; see `{where} --help`")
+            raise typer.Exit(exc.exit_code) from None
+
+    def make_context(self, *args, **kwargs):
+        return self._guard(lambda: super(_OneLineUsageErrors, self).make_context(*args, **kwargs))
+
+    def invoke(self, ctx):
+        return self._guard(lambda: super(_OneLineUsageErrors, self).invoke(ctx))
+
+
+app = typer.Typer(cls=_OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Skip Tuning for CLIP: cache the frozen shallow layers once, fine-tune the deep layers many times.")
 
 RootOpt = typer.Option(None, "--root", help=f"Store root (default: ${STORE_ENV} or ./store).")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
@@ -35,7 +69,39 @@ JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout 
 
 
 def _root(root: Optional[Path]) -> Path:
-    return root if root is not None else default_store_root()
+    """The store root: --root, else $SKIPCACHE_STORE, else ./store; refused if it is a file."""
+    path = root if root is not None else default_store_root()
+    if path.exists() and not path.is_dir():
+        if root is None and os.environ.get(STORE_ENV):
+            raise ConfigError(f"store root {path} (from ${STORE_ENV}) is a file, not a folder; "
+                              f"set {STORE_ENV} to a folder or pass --root DIR")
+        raise ConfigError(f"store root {path} is a file, not a folder; pass --root DIR or set {STORE_ENV} to a folder")
+    return path
+
+
+def _store(store: Path, root: Optional[Path]) -> Path:
+    """A store path as given, else relative to the store root (`skipcache ls` prints them so)."""
+    def exists(p: Path) -> bool:
+        return p.exists() or Path(f"{p}.partial").exists()
+
+    if store.is_absolute() or exists(store):
+        return store
+    under_root = _root(root) / store
+    return under_root if exists(under_root) else store
+
+
+def _at_least(option: str, value: int, low: int, fix: str) -> None:
+    """A CLI-only setting (no config checks it) below its minimum is a one-line error."""
+    if value < low:
+        raise ConfigError(f"{option} must be >= {low}, got {value}; {fix}")
+
+
+def _device(device: str) -> str:
+    """Check --device before anything is read or written (unknown names, CUDA missing)."""
+    from skipcache.runtime import resolve_device
+
+    resolve_device(device)
+    return device
 
 
 def handle_errors(fn):
@@ -46,8 +112,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SkipcacheError as exc:
-            # The message is plain text: escape it, or rich eats `[...]` in it as markup.
-            err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
+            _print_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted: completed shards/epochs are kept; rerun the same command (tune: add --resume) to continue")
@@ -110,9 +175,10 @@ def cache(
     """Run the frozen layers 1..omega once and write a feature store (resumes if interrupted)."""
     from skipcache.stages.cache import CacheConfig, result_dict, run_cache
 
+    _at_least("--workers", workers, 0, "pass 0 to decode images in the main process")
     cfg = CacheConfig(dataset=dataset, data_root=data_root, dataset_options=_parse_options(option), model=model, pretrained=pretrained, omega=omega,
                       shots=shots or None, seed=seed, classes=classes, views=views, dtype=dtype, template=template,
-                      root=_root(root), force=force, device=device, batch_size=batch_size, workers=workers,
+                      root=_root(root), force=force, device=_device(device), batch_size=batch_size, workers=workers,
                       progress=not as_json)
     result = run_cache(cfg)
     if as_json:
@@ -135,11 +201,17 @@ def tune(
     batch_size: int = typer.Option(4, "--batch-size"),
     lr: float = typer.Option(2e-5, "--lr", help="Learning rate of the text side."),
     lr_image: Optional[float] = typer.Option(None, "--lr-image", help="Learning rate of the image side (default lr/4)."),
-    warmup_epochs: int = typer.Option(1, "--warmup-epochs", help="Epochs at constant lr 1e-6 before the cosine schedule."),
+    warmup_epochs: int = typer.Option(1, "--warmup-epochs", help="Epochs at constant --warmup-lr before the cosine schedule."),
+    warmup_lr: float = typer.Option(1e-6, "--warmup-lr", help="Learning rate of the warm-up epochs, >= 0."),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay", help="SGD weight decay, >= 0 (paper: 5e-4)."),
+    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum, in [0, 1) (paper: 0.9)."),
     r: float = typer.Option(0.5, "--r", help="CSkip ratio of always-kept classes, in (0, 1]."),
     lam: float = typer.Option(0.3, "--lam", help="CSkip decay of the tail keep probability, > 0."),
-    max_top: Optional[int] = typer.Option(None, "--max-top", help="Cap on the always-kept set (the paper's code uses 50)."),
+    max_top: int = typer.Option(50, "--max-top", help="Cap on CSkip's always-kept set (the authors' code: 50; changes nothing while r*M <= 50)."),
+    no_cap: bool = typer.Option(False, "--no-cap", help="No cap on the always-kept set: paper Eq. 7 as written (r*M classes always kept)."),
     cskip_variant: str = typer.Option("eq7", "--cskip-variant", help="eq7 (resampled every step) or paper-code."),
+    cskip_subset: str = typer.Option("batch", "--cskip-subset", help="batch (one fixed-size subset per step, shared by the batch) or image (one per image; the text tower runs on their union)."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16."),
     no_cskip: bool = typer.Option(False, "--no-cskip", help="Use every class for every image (LSkip only)."),
     rank: str = typer.Option("zeroshot", "--rank", help="Class ranking for CSkip: zeroshot or dynamic."),
     batching: str = typer.Option("shuffle", "--batching", help="shuffle (across classes) or class (one class per batch, as the paper's code)."),
@@ -154,10 +226,13 @@ def tune(
     """Train blocks omega+1..N on a store with CSkip; write a run directory."""
     from skipcache.stages.tune import TuneConfig, result_dict, run_tune
 
-    cfg = TuneConfig(store=store, root=_root(root), dataset=dataset, model=model, omega=omega, out=out_dir, epochs=epochs,
-                     batch_size=batch_size, lr=lr, lr_image=lr_image, warmup_epochs=warmup_epochs, r=r, lam=lam,
-                     max_top=max_top, cskip_variant=cskip_variant, cskip=not no_cskip, rank=rank, batching=batching, seed=seed,
+    cfg = TuneConfig(store=None if store is None else _store(store, root), root=_root(root), dataset=dataset, model=model, omega=omega, out=out_dir,
+                     epochs=epochs, batch_size=batch_size, lr=lr, lr_image=lr_image, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
+                     weight_decay=weight_decay, momentum=momentum, r=r, lam=lam,
+                     max_top=None if no_cap else max_top, cskip_variant=cskip_variant, cskip=not no_cskip, cskip_subset=cskip_subset, precision=precision, rank=rank, batching=batching, seed=seed,
                      resume=resume, pretrained=pretrained, device=device, workers=workers, progress=not as_json)
+    cfg.validate()  # every setting before the device or the store is looked at
+    _device(device)
     result = run_tune(cfg)
     if as_json:
         return _print_json(result_dict(result))
@@ -182,7 +257,9 @@ def eval_(
     """Accuracy on the cached test splits: base, new and H (percent), next to zero-shot."""
     from skipcache.stages.evaluate import run_eval
 
-    result = run_eval(run_dir, store=store, device=device, batch_size=batch_size)
+    _at_least("--batch-size", batch_size, 1, "e.g. --batch-size 256")
+    _at_least("--workers", workers, 0, "pass 0 (evaluation reads the store)")
+    result = run_eval(run_dir, store=store, device=_device(device), batch_size=batch_size)
     if as_json:
         return _print_json(result.to_json())
     keys = [k for k in ("base", "new", "H", "all") if k in result.accuracy]
@@ -192,11 +269,12 @@ def eval_(
 
 @app.command()
 @handle_errors
-def inspect(store: Path = typer.Argument(..., help="Store path."), as_json: bool = JsonOpt):
+def inspect(store: Path = typer.Argument(..., help="Store path, or a path under --root as `skipcache ls` prints it."),
+            root: Optional[Path] = RootOpt, as_json: bool = JsonOpt):
     """What a store holds: key, splits, sizes, zero-shot accuracy."""
     from skipcache.store import FeatureStore
 
-    summary = FeatureStore.open(store, allow_incomplete=True).summary()
+    summary = FeatureStore.open(_store(store, root), allow_incomplete=True).summary()
     if as_json:
         return _print_json(summary)
     for k in ("path", "complete", "storage_dtype", "size_mib", "created_utc"):
@@ -209,12 +287,14 @@ def inspect(store: Path = typer.Argument(..., help="Store path."), as_json: bool
     out.print(_table("splits", ["split", "images", "views", "classes", "MiB", "zero-shot %"], rows))
 
 
-@app.command("ls")
+@app.command("ls", context_settings={"allow_extra_args": True})
 @handle_errors
-def ls(root: Optional[Path] = typer.Argument(None, help="Store root (default: $SKIPCACHE_STORE or ./store)."), as_json: bool = JsonOpt):
+def ls(ctx: typer.Context, root: Optional[Path] = RootOpt, as_json: bool = JsonOpt):
     """List the stores under a root."""
     from skipcache.store import list_stores
 
+    if ctx.args:  # `skipcache ls DIR`: one way to name the root, as in every other command
+        raise ConfigError(f"pass the store root with --root: skipcache ls --root {ctx.args[0]}")
     stores = list_stores(_root(root))
     if as_json:
         return _print_json(stores)
@@ -236,11 +316,13 @@ def ls(root: Optional[Path] = typer.Argument(None, help="Store root (default: $S
 
 @app.command()
 @handle_errors
-def verify(store: Path = typer.Argument(..., help="Store path.")):
+def verify(store: Path = typer.Argument(..., help="Store path, or a path under --root as `skipcache ls` prints it."),
+           root: Optional[Path] = RootOpt):
     """Read every chunk of a store; name corrupted or non-finite ones (exit 1 if any)."""
     from skipcache.errors import CorruptStore
     from skipcache.store import FeatureStore
 
+    store = _store(store, root)
     problems = FeatureStore.open(store, allow_incomplete=True).verify()
     if problems:
         for p in problems:
@@ -252,11 +334,12 @@ def verify(store: Path = typer.Argument(..., help="Store path.")):
 @app.command()
 @handle_errors
 def export(run_dir: Path = typer.Argument(..., help="Run directory."),
-           out_path: Path = typer.Option(..., "--out", help="FILE.safetensors, or a directory for open_clip's local-dir:.")):
+           out_path: Path = typer.Option(..., "--out", help="FILE.safetensors, or a directory for open_clip's local-dir:."),
+           force: bool = typer.Option(False, "--force", help="Overwrite an existing export at --out.")):
     """Write a tuned run as a plain open_clip checkpoint (pretrained + tuned deep weights)."""
     from skipcache.stages.export import run_export
 
-    result = run_export(run_dir, out_path)
+    result = run_export(run_dir, out_path, force=force)
     out.print(f"wrote {result.path} ({result.tensors} tensors, {result.size_mib:.1f} MiB); "
               f"load with open_clip.create_model({result.model!r}, pretrained={str(result.path)!r})")
 
@@ -275,7 +358,10 @@ def predict(
     """Top-k classes for raw images through the tuned model."""
     from skipcache.stages.export import run_predict
 
-    preds = run_predict(run_dir, images, top_k=top_k, device=device, batch_size=batch_size)
+    _at_least("--top-k", top_k, 1, "e.g. --top-k 5")
+    _at_least("--batch-size", batch_size, 1, "e.g. --batch-size 32")
+    _at_least("--workers", workers, 0, "pass 0 (images are decoded in the main process)")
+    preds = run_predict(run_dir, images, top_k=top_k, device=_device(device), batch_size=batch_size)
     if as_json:
         return _print_json([{"image": p.image, "top": [{"class": c, "prob": v} for c, v in p.top]} for p in preds])
     for p in preds:
@@ -320,7 +406,8 @@ def run(
     """Run a declarative pipeline: one store, several methods, one result table."""
     from skipcache.pipeline import METRICS, run_pipeline
 
-    result = run_pipeline(pipeline, out=out_dir, device=device, root=root, overrides=override, progress=not as_json,
+    result = run_pipeline(pipeline, out=out_dir, device=device, root=None if root is None else _root(root), overrides=override,
+                          progress=not as_json,
                           log=(lambda *a: None) if as_json else (lambda msg: err.print(msg, markup=False, highlight=False)))
     if as_json:
         return _print_json(result)

@@ -1,5 +1,6 @@
 """Cache stage: stored tokens equal the model's own shallow forward, views, workers, templates."""
 
+import pytest
 import torch
 
 from skipcache.data import build_task, get_dataset, load_image
@@ -61,3 +62,16 @@ def test_template_changes_the_key_and_the_prototypes(tmp_path):
     assert a.path != b.path
     ta, tb = FeatureStore.open(a.path).read_text(), FeatureStore.open(b.path).read_text()
     assert tb["template"] == "a drawing of a {}." and not torch.equal(ta["prototypes"], tb["prototypes"])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("omega", -1, "omega must be >= 0"),
+    ("workers", -1, "workers must be >= 0"),
+])
+def test_cache_config_refuses_negative_counts_before_writing(tmp_path, field, value, message):
+    from skipcache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        run_cache(CacheConfig(dataset="synthetic", dataset_options={"num_classes": 4}, model="tiny", pretrained="none",
+                              root=tmp_path / "store", device="cpu", progress=False, **{field: value}))
+    assert not (tmp_path / "store").exists()

@@ -112,7 +112,7 @@ def test_end_to_end_tiny_synthetic(tmp_path, monkeypatch):
     path = Path(cached["path"])
     assert path.is_dir() and path.suffix == ".zarr"
 
-    listed = ok_json(invoke("ls", root, "--json"))
+    listed = ok_json(invoke("ls", "--root", root, "--json"))
     assert [(Path(e["path"]), e["complete"], e["dataset"], e["model"], e["omega"]) for e in listed] == [
         (path, True, "synthetic", "tiny", 3)]
 
@@ -291,8 +291,8 @@ def test_omega_out_of_range(tmp_path):
     (["--r", "1.5"], "r must be in (0, 1], got 1.5; pass --r between 0 and 1"),
     (["--lam", "0"], "lam must be > 0 and finite, got 0.0; pass --lam such as 0.3"),
     (["--lam", "-1"], "lam must be > 0 and finite, got -1.0; pass --lam such as 0.3"),
-    (["--epochs", "0"], "epochs must be >= 1, got 0"),
-    (["--lr", "0"], "learning rates must be > 0, got lr=0.0, lr_image=None"),
+    (["--epochs", "0"], "epochs must be >= 1 (a whole number), got 0; e.g. 20"),
+    (["--lr", "0"], "lr must be a finite number > 0, got 0.0; e.g. 2e-5"),
 ])
 def test_tune_settings_out_of_range(tmp_path, args, message):
     # Checked before any store is looked up, so the store need not exist.
@@ -342,7 +342,7 @@ def test_tune_on_an_incomplete_store(tmp_path):
 
 def test_ls_and_inspect_show_an_incomplete_store(tmp_path):
     path = _partial_store(tmp_path)
-    listed = ok_json(invoke("ls", tmp_path, "--json"))
+    listed = ok_json(invoke("ls", "--root", tmp_path, "--json"))
     assert [(e["path"], e["complete"]) for e in listed] == [(f"{path}.partial", False)]
     summary = ok_json(invoke("inspect", path, "--json"))
     assert summary["complete"] is False and summary["splits"]["train"]["shards_done"] == 0
@@ -351,7 +351,7 @@ def test_ls_and_inspect_show_an_incomplete_store(tmp_path):
 def test_tune_resume_with_nothing_to_resume(tmp_path, tiny_run):
     out = tmp_path / "run"
     assert_error(invoke("tune", tiny_run["store"], "--resume", "--out", out, "--device", "cpu"), 1,
-                 f"nothing to resume in {out}: no checkpoint.pt; drop --resume to start a new run")
+                 f"nothing to resume in {out}: no checkpoint.json; drop --resume to start a new run")
 
 
 def test_tune_into_a_finished_run_without_resume(tiny_run):

@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 2 on CUDA, 1 on CPU)")
-    p.add_argument("--max-top", type=int, default=None, help="CSkip: cap on the always-kept set (the authors' code: 50)")
+    p.add_argument("--max-top", type=int, default=50, help="CSkip: cap on the always-kept set (default 50, as the tune stage and the authors' code)")
+    p.add_argument("--no-cap", action="store_true", help="CSkip: paper Eq. 7 uncapped (r*M always kept)")
     p.add_argument("--precision", default="auto", help="auto (the tune stage's: bf16 on CUDA, fp32 on CPU), fp32 or bf16")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child (default: torch's)")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(CONFIGS)}")
@@ -49,7 +50,7 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
     opts = BenchOptions(model=args.model or ("tiny" if args.quick else "ViT-B-16"), pretrained=args.pretrained,
                         omega=args.omega, classes=args.classes, batch_size=args.batch_size, device=args.device,
                         steps=args.steps or (5 if cuda else 3), warmup=args.warmup if args.warmup is not None else (2 if cuda else 1),
-                        threads=args.threads, max_top=args.max_top, precision=args.precision)
+                        threads=args.threads, max_top=None if args.no_cap else args.max_top, precision=args.precision)
     if args.quick:
         opts.cache_batch, opts.store_rows = 8, 128
     return opts

@@ -76,7 +76,7 @@ class BenchOptions:
     store_rows: int = 512
     r: float = 0.5
     lam: float = 0.3
-    max_top: int | None = None
+    max_top: int | None = 50  # the tune stage's default; None: paper Eq. 7 uncapped
     precision: str = "auto"  # the tune stage's: bf16 autocast on CUDA, fp32 on the CPU
     seed: int = 0
 

@@ -89,6 +89,10 @@ class CacheConfig:
             raise ConfigError(f"shots must be >= 0 (0: all images), got {self.shots}")
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.omega < 0:
+            raise ConfigError(f"omega must be >= 0 (frozen blocks per tower), got {self.omega}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0 (0: decode images in the main process), got {self.workers}")
         if self.template is not None and "{}" not in self.template:
             raise ConfigError(f"template must contain '{{}}' for the class name, got {self.template!r}")
 
@@ -243,10 +247,12 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     ]
     store = FeatureStore.create_or_resume(
         path, key, text_shape=tuple(text_tokens.shape), embed_dim=prototypes.shape[1], splits=splits,
-        storage_dtype=cfg.dtype, force=cfg.force,
+        storage_dtype=cfg.dtype, force=cfg.force, reuse_complete=True,
         extra_attrs={"library_versions": library_versions(), "pretrained_source": _pretrained_source(cfg.pretrained),
                      "notes": task.notes},
     )
+    if store.complete:  # another `skipcache cache` finished this store while we waited for its lock
+        return _result(store, key, reused=True, started=started, computed=0)
     if not store.has_text():
         store.write_text(text_tokens.cpu(), eot.cpu(), prototypes.cpu(), task.classnames, template)
 
