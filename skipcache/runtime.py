@@ -76,10 +76,3 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON atomically (see `write_text_atomic`)."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def torch_save_atomic(obj, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import skipcache
 from skipcache.errors import StoreKeyMismatch
+from skipcache.rundir import read_checkpoint
 from skipcache.store import FeatureStore, SplitSpec, key_hash, store_path
 from skipcache.store_layout import SPLIT_ARRAYS
 
@@ -151,9 +152,10 @@ def test_killed_tune_resumes_to_the_same_weights(tmp_path, train_store):
             "--epochs", TUNE["epochs"], "--batch-size", TUNE["batch_size"], "--lr", TUNE["lr"],
             "--warmup-epochs", TUNE["warmup_epochs"], "--seed", TUNE["seed"]]
     proc = _start(args, cwd=tmp_path)
-    _kill_when(proc, lambda: (killed / "checkpoint.pt").exists())
+    # checkpoint.json is the commit point of a checkpoint (written after its tensors file).
+    _kill_when(proc, lambda: (killed / "checkpoint.json").exists())
     assert not (killed / "deep.safetensors").exists() and not (killed / "run.json").exists()
-    stopped_at = torch.load(killed / "checkpoint.pt", weights_only=False)["epoch"]
+    stopped_at = read_checkpoint(killed).epoch
     assert 1 <= stopped_at < TUNE["epochs"]
 
     resumed = skipcache.tune(skipcache.TuneConfig(store=train_store, out=killed, resume=True, device="cpu",

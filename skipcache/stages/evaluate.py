@@ -7,17 +7,15 @@ the store: no image is decoded and no shallow layer is run.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from skipcache.errors import RunError
 from skipcache.model import DeepCLIP
+from skipcache.rundir import check_compatible, eval_file_name, load_tuned, read_run  # noqa: F401 (re-exported)
 from skipcache.runtime import resolve_device, write_json_atomic
-from skipcache.stages.tune import load_deep_model
 from skipcache.store import FeatureStore
 
 SPLIT_ALIASES = {"test_base": "base", "test_new": "new", "test": "all"}
@@ -50,39 +48,11 @@ def harmonic_mean(a: float, b: float) -> float:
     return 2 * a * b / (a + b) if a + b > 0 else 0.0
 
 
-def read_run(run_dir: Path) -> tuple[dict, dict]:
-    """(config.json, run.json) of a finished run; RunError when it is missing or unfinished."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise RunError(f"{run_dir} is not a run directory (no config.json); pass the --out of a `skipcache tune` run")
-    if not (run_dir / "run.json").exists() or not (run_dir / "deep.safetensors").exists():
-        raise RunError(f"run {run_dir} has not finished (no run.json / deep.safetensors); finish it with `skipcache tune --out {run_dir} --resume`")
-    return json.loads((run_dir / "config.json").read_text()), json.loads((run_dir / "run.json").read_text())
-
-
-def check_compatible(run: dict, store: FeatureStore) -> None:
-    """A run can be evaluated on another store (cross-dataset, domain shift) only if that store
-    was cached with the same model, weights and omega: the tuned deep layers expect its tokens."""
-    trained = run["store_key"]
-    for field in ("model", "weights_hash", "omega"):
-        if store.key.get(field) != trained.get(field):
-            raise RunError(
-                f"store {store.path} was cached with {field}={store.key.get(field)!r}, the run trained on "
-                f"{field}={trained.get(field)!r}; cache the target with the run's model, weights and --omega")
-
-
 def load_run_model(run_dir: Path, device: torch.device, store: FeatureStore | None = None) -> tuple[DeepCLIP, FeatureStore]:
-    """The tuned deep model of a run, and the store to evaluate (default: the one it trained on)."""
-    config, run = read_run(run_dir)
-    if store is None:
-        store = FeatureStore.open(Path(run["store"]))
-        if store.key_hash != run["store_key_hash"]:
-            raise RunError(f"store {store.path} is not the one run {run_dir} trained on; rebuild it with the same `skipcache cache` arguments")
-    else:
-        check_compatible(run, store)
-    deep = load_deep_model(store, device, config.get("pretrained"))
-    deep.load_deep_state_dict(load_file(str(Path(run_dir) / "deep.safetensors")))
-    return deep.eval(), store
+    """The tuned deep model of a run, and the store to evaluate (default: the one it trained on);
+    see `skipcache.rundir.load_tuned` for what is checked."""
+    tuned = load_tuned(run_dir, device, store)
+    return tuned.deep, tuned.store
 
 
 @torch.no_grad()
@@ -124,15 +94,15 @@ def evaluate_stores(run_dir: Path, stores: list[Path | None], *, device: str = "
     """`run_eval` on several stores (None: the run's own), loading the tuned model once."""
     dev = resolve_device(device)
     run_dir = Path(run_dir)
-    deep, own = load_run_model(run_dir, dev)
-    _, run = read_run(run_dir)
+    targets = [None if path is None else FeatureStore.open(Path(path)) for path in stores]
+    # The run's own store is needed only to evaluate on it; other stores just have to be compatible.
+    tuned = load_tuned(run_dir, dev, None if None in targets or not targets else targets[0])
     results = []
-    for path in stores:
-        target = None if path is None else FeatureStore.open(Path(path))
+    for target in targets:
         if target is not None:
-            check_compatible(run, target)
-        result = _evaluate(deep, target or own, dev, batch_size)
-        name = "eval.json" if target is None else f"eval-{target.key['dataset']}-{target.key_hash}.json"
+            check_compatible(tuned.info, target)
+        result = _evaluate(tuned.deep, target or tuned.store, dev, batch_size)
+        name = "eval.json" if target is None else eval_file_name(target)  # one sanitized component: stays in the run
         write_json_atomic(run_dir / name, result.to_json())
         results.append(result)
     return results

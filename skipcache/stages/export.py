@@ -10,36 +10,29 @@ model registry (useful for the built-in `tiny` / `synth-vit` configs).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from skipcache.data.base import Example, load_image
 from skipcache.errors import DataError, RunError
-from skipcache.loading import config_of, load_model, tokenizer_for
+from skipcache.loading import config_of, tokenizer_for
 from skipcache.placement import Placement
+from skipcache.rundir import load_tuned, read_run
+from skipcache.runtime import write_text_atomic
 from skipcache.stages.cache import eval_transform
-from skipcache.stages.evaluate import read_run
-from skipcache.store import FeatureStore
+
+EXPORT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
 def merged_model(run_dir: Path):
-    """The full open_clip model of a run (pretrained + tuned deep weights), with its LoadedModel and store."""
-    config, run = read_run(run_dir)
-    store = FeatureStore.open(Path(run["store"]))
-    key = store.key
-    source = config.get("pretrained") or store.attrs.get("pretrained_source") or key["pretrained_label"]
-    lm = load_model(key["model"], source, seed=key.get("seed", 0))
-    tuned = load_file(str(Path(run_dir) / "deep.safetensors"))
-    state = lm.model.state_dict()
-    unknown = sorted(set(tuned) - set(state))
-    if unknown:
-        raise RunError(f"tuned weights of {run_dir} have keys the model lacks: {unknown[:3]}")
-    state.update(tuned)
-    lm.model.load_state_dict(state, strict=True)
-    return lm, store
+    """The full open_clip model of a run (pretrained + tuned deep weights) as a LoadedModel, and
+    its store; checked and loaded by `skipcache.rundir.load_tuned`."""
+    tuned = load_tuned(Path(run_dir), "cpu", full=True)
+    return tuned.full, tuned.store
 
 
 @dataclass
@@ -50,23 +43,43 @@ class ExportResult:
     size_mib: float
 
 
-def run_export(run_dir: Path, out: Path) -> ExportResult:
-    """Write the merged model to `out` (a `.safetensors` file, or a directory for `local-dir:`)."""
-    lm, _ = merged_model(Path(run_dir))
-    state = {k: v.detach().contiguous().clone() for k, v in lm.model.state_dict().items()}
+def export_target(run_dir: Path, out: Path, *, force: bool = False) -> Path:
+    """The weights file an export to `out` writes; RunError, before anything is loaded, when `out`
+    cannot be written: an existing file (without `force`), a plain file where a folder is meant,
+    or a place inside the run directory."""
     out = Path(out)
-    if out.suffix in (".safetensors", ".bin", ".pt"):
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix in EXPORT_SUFFIXES:
+        if out.is_dir():
+            raise RunError(f"--out {out} is a folder; pass a new {'/'.join(EXPORT_SUFFIXES)} file name, or a folder name without that suffix")
         target = out
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise RunError(f"--out {out} is a file, not a .safetensors, .bin or .pt name; pass such a name, or a folder")
         target = out / "open_clip_model.safetensors"
+    if Path(os.path.realpath(target.parent)) == Path(os.path.realpath(run_dir)):
+        raise RunError(f"--out {out} is a file of the run itself or its folder; pass a path outside {run_dir}")
+    if target.exists() and not force:
+        raise RunError(f"{target} exists; pass --force to overwrite it, or another --out")
+    return target
+
+
+def run_export(run_dir: Path, out: Path, *, force: bool = False) -> ExportResult:
+    """Write the merged model to `out` (a `.safetensors` file, or a directory for `local-dir:`);
+    an existing file is replaced only with `force`. Files are written whole, then renamed."""
+    read_run(Path(run_dir))  # a finished run? (cheap) then a writable target, before the slow part
+    target = export_target(Path(run_dir), Path(out), force=force)
+    lm, _ = merged_model(Path(run_dir))
+    state = {k: v.detach().contiguous().clone() for k, v in lm.model.state_dict().items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.name == "open_clip_model.safetensors" and Path(out).suffix not in EXPORT_SUFFIXES:
         cfg = {"model_cfg": config_of(lm.name), "preprocess_cfg": {"mean": list(lm.mean), "std": list(lm.std)}}
-        (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+        write_text_atomic(target.parent / "open_clip_config.json", json.dumps(cfg, indent=2))
+    tmp = target.with_name(f".{target.name}.tmp")
     if target.suffix == ".safetensors":
-        save_file(state, str(target), metadata={"model": lm.name, "source_run": str(run_dir)})
+        save_file(state, str(tmp), metadata={"model": lm.name, "source_run": str(run_dir)})
     else:
-        torch.save({"state_dict": state}, target)
+        torch.save({"state_dict": state}, tmp)
+    os.replace(tmp, target)
     return ExportResult(path=target, model=lm.name, tensors=len(state), size_mib=target.stat().st_size / 2**20)
 
 

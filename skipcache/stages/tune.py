@@ -5,12 +5,9 @@ after loading), streams shuffled batches of cached image tokens, samples each im
 subset (CSkip), runs the text tower once on the batch's union of kept classes and minimizes the
 masked cross-entropy. fp32 master weights; bf16 autocast on CUDA.
 
-A run directory holds:
-    config.json      the resolved TuneConfig
-    run.json         store path and key, library versions, device, timing, peak memory, status
-    metrics.jsonl    one line per epoch
-    checkpoint.pt    latest epoch (weights, optimizer, schedule, RNG) for --resume
-    deep.safetensors the tuned deep weights under open_clip's state-dict keys
+A run directory holds config.json (the resolved TuneConfig), checkpoint.json + a safetensors file
+(latest epoch, for --resume), metrics.jsonl, deep.safetensors and run.json; `skipcache.rundir`
+owns that format (spec: docs/run-format.md), this module only trains.
 """
 
 from __future__ import annotations
@@ -19,19 +16,18 @@ import json
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from skipcache import cskip
-from skipcache.errors import ConfigError, IncompleteStore, RunError, StoreError
+from skipcache import cskip, rundir
+from skipcache.errors import ConfigError, IncompleteStore, StoreError
 from skipcache.loading import load_model
 from skipcache.model import DeepCLIP, split_model
 from skipcache.placement import Placement, prefetch_to_device
 from skipcache.progress import make_progress
-from skipcache.runtime import default_store_root, library_versions, seed_everything, torch_save_atomic, utc_now, write_json_atomic, write_text_atomic
+from skipcache.runtime import default_store_root, library_versions, seed_everything, utc_now
 from skipcache.step import STAT_NAMES, StepTimer, TuneStep, make_optimizer
 from skipcache.store import FeatureStore, find_stores
 
@@ -51,6 +47,9 @@ class TuneConfig:
         weight_decay, momentum: SGD settings (paper: 5e-4, 0.9).
         warmup_epochs: epochs at constant `warmup_lr` before the cosine schedule (paper: 1).
         r, lam, max_top, cskip_variant, cskip, cskip_subset: CSkip settings (see skipcache.cskip).
+            `max_top` caps the always-kept set at 50 classes, as the authors' code does (it
+            changes nothing while r·M <= 50); None is paper Eq. 7 as written, whose r·M
+            always-kept classes make large label sets expensive (500 of 1000).
             `cskip_subset` is `batch` (one fixed-size subset per step, shared by the batch: the
             text tower runs on about E[kept] classes) or `image` (a subset per image; the text
             tower runs on their union).
@@ -87,7 +86,7 @@ class TuneConfig:
     warmup_lr: float = 1e-6
     r: float = 0.5
     lam: float = 0.3
-    max_top: int | None = None
+    max_top: int | None = 50
     cskip_variant: str = "eq7"
     cskip: bool = True
     cskip_subset: str = "batch"
@@ -106,13 +105,37 @@ class TuneConfig:
                                  subset=self.cskip_subset)
 
     def validate(self) -> None:
+        """Check every setting before anything is read or written; a ConfigError names the first bad one.
+
+        NaN and infinity compare False with everything (`lr <= 0` let them through and the run
+        wrote NaN weights), so every number is checked to be a finite number of the right kind.
+        """
+
+        def check(name: str, ok, expected: str, fix: str, *, whole: bool = False, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            number = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
+            if not (number and (isinstance(value, int) or math.isfinite(value)) and ok(value)):
+                shown = json.dumps(value) if isinstance(value, str) else value
+                raise ConfigError(f"{name} must be {expected}, got {shown}; {fix}")
+
+        check("epochs", lambda v: v >= 1, ">= 1 (a whole number)", "e.g. 20", whole=True)
+        check("batch_size", lambda v: v >= 1, ">= 1 (a whole number)", "e.g. 4", whole=True)
+        check("warmup_epochs", lambda v: v >= 0, ">= 0 (a whole number)", "e.g. 1", whole=True)
+        check("lr", lambda v: v > 0, "a finite number > 0", "e.g. 2e-5")
+        check("lr_image", lambda v: v > 0, "a finite number > 0 or unset (lr / 4)", "e.g. 5e-6", optional=True)
+        check("weight_decay", lambda v: v >= 0, "a finite number >= 0", "e.g. 5e-4")
+        check("momentum", lambda v: 0 <= v < 1, "in [0, 1)", "e.g. 0.9")
+        check("warmup_lr", lambda v: v >= 0, "a finite number >= 0", "e.g. 1e-6")
+        check("r", lambda v: 0 < v <= 1, "in (0, 1]", "pass --r between 0 and 1")
+        check("lam", lambda v: v > 0, "> 0 and finite", "pass --lam such as 0.3")
+        check("seed", lambda v: 0 <= v < 2**32, "a whole number in [0, 2**32)", "e.g. 1", whole=True)
+        check("omega", lambda v: v >= 0, ">= 0 (a whole number) or unset", "e.g. 6", whole=True, optional=True)
+        check("workers", lambda v: v >= 0, ">= 0 (a whole number)", "e.g. 0", whole=True)
+        if self.out is not None and Path(self.out).is_file():
+            raise ConfigError(f"out {self.out} is a file; pass --out a new or empty folder for the run")
         self.cskip_config()
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0 or (self.lr_image is not None and self.lr_image <= 0):
-            raise ConfigError(f"learning rates must be > 0, got lr={self.lr}, lr_image={self.lr_image}")
         if self.batching not in ("shuffle", "class"):
             raise ConfigError(f"batching must be 'shuffle' or 'class', got {self.batching!r}")
         if self.rank not in ("zeroshot", "dynamic"):
@@ -166,7 +189,7 @@ def resolve_store(cfg: TuneConfig) -> FeatureStore:
 def load_deep_model(store: FeatureStore, device: torch.device | Placement, pretrained: str | None = None) -> DeepCLIP:
     """The deep part of the store's model with its pretrained weights; the shallow part is freed."""
     key = store.key
-    source = pretrained or store.attrs.get("pretrained_source") or key["pretrained_label"]
+    source = pretrained or rundir.store_weights_source(store)  # store metadata: used only if it reproduces weights_hash
     lm = load_model(key["model"], source, seed=key.get("seed", 0))
     if lm.weights_hash != key["weights_hash"]:
         raise StoreError(
@@ -209,9 +232,7 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
 
 
 def _default_out(store: FeatureStore) -> Path:
-    key = store.key
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{key['dataset']}-{key['model']}-omega{key['omega']}-{stamp}"
+    return rundir.default_out(store.key)
 
 
 @dataclass
@@ -260,34 +281,24 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
     started = time.perf_counter()
     place = Placement.resolve(cfg.device, cfg.precision)
     device = place.device
-    store = resolve_store(cfg)
+    store = rundir.resume_store(cfg) or resolve_store(cfg)
     if "train" not in store.splits:
         raise StoreError(f"store {store.path} has no train split")
     out = Path(cfg.out) if cfg.out else _default_out(store)
-    ckpt_path = out / "checkpoint.pt"
-    if cfg.resume and not ckpt_path.exists():
-        raise RunError(f"nothing to resume in {out}: no checkpoint.pt; drop --resume to start a new run")
-    if not cfg.resume and out.exists() and any(out.iterdir()):
-        raise RunError(f"run directory {out} is not empty; pass --resume to continue it or --out for a new run")
-    out.mkdir(parents=True, exist_ok=True)
+    run = rundir.open_for_tune(cfg, store, out)  # refuses, restarts or resumes; locks; writes config.json
     seed_everything(cfg.seed)
-    resolved = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
-    resolved.update(store=str(store.path), out=str(out), lr_image=cfg.lr_image or cfg.lr / 4)
-    write_json_atomic(out / "config.json", resolved)
 
+    phases = {"start_s": time.perf_counter() - started, "setup_s": 0.0, "train_s": 0.0, "checkpoint_s": 0.0, "save_s": 0.0}
+    mark = time.perf_counter()
     setup = setup_training(cfg, store, place)
+    phases["setup_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     deep, optimizer, generator, train_step = setup.deep, setup.optimizer, setup.generator, setup.step
     split, in_memory, steps_per_epoch, lrs = store.splits["train"], setup.in_memory, setup.steps_per_epoch, setup.lrs
 
     start_epoch, history = 0, []
-    if cfg.resume:
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if state["store_key_hash"] != store.key_hash:
-            raise RunError(f"checkpoint in {out} was trained on another store ({state['store_key_hash']}); use a new --out")
-        deep.load_deep_state_dict(state["deep"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"].cpu())  # RNG states are CPU byte tensors, whatever the device
-        start_epoch, history = state["epoch"], state["history"]
+    if run.resuming:
+        start_epoch, history = run.load_checkpoint(deep, optimizer, generator, store)
 
     timer = StepTimer(place)
     views = split.views
@@ -329,12 +340,14 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
                 "time_utc": utc_now(),
             }
             history.append(row)
-            torch_save_atomic({"epoch": epoch + 1, "deep": deep.deep_state_dict(), "optimizer": optimizer.state_dict(),
-                               "generator": generator.get_state(), "history": history, "store_key_hash": store.key_hash}, ckpt_path)
-            # Rewritten from the checkpointed history, so a kill at any point never duplicates or loses a line.
-            write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            phases["train_s"] += time.perf_counter() - mark
+            mark = time.perf_counter()
+            run.save_checkpoint(epoch + 1, deep, optimizer, generator, history, store)  # and metrics.jsonl
+            phases["checkpoint_s"] += time.perf_counter() - mark
 
-    save_file(deep.deep_state_dict(), str(out / "deep.safetensors"), metadata={"omega": str(deep.omega), "model": store.key["model"]})
+    mark = time.perf_counter()
+    run.write_weights(deep, store)
+    phases["save_s"] = time.perf_counter() - mark
     step_times = timer.times()
     warm = sorted(step_times[5:] or step_times)
     peak_mib, method = _peak_memory(device)
@@ -343,12 +356,12 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         step_time_median_s=warm[len(warm) // 2] if warm else 0.0,
         peak_memory_mib=peak_mib, peak_memory_method=method, final=history[-1] if history else {},
     )
-    write_json_atomic(out / "run.json", {
-        "status": "complete", "store": str(store.path), "store_key": store.key, "store_key_hash": store.key_hash,
-        "library_versions": library_versions(), "device": str(device), "finished_utc": utc_now(),
+    run.finish(store, {  # run.json, the commit point; adds the format version, store record, weights sha256
+        "epochs": cfg.epochs, "library_versions": library_versions(), "device": str(device), "finished_utc": utc_now(),
         "seconds": result.seconds, "step_time_median_s": result.step_time_median_s,
         "peak_memory_mib": peak_mib, "peak_memory_method": method,
         "trainable_parameters": sum(p.numel() for p in deep.parameters()),
+        "steps": len(step_times), "phases_s": phases, "placement": place.describe(),
     })
     return result
 
