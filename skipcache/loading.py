@@ -28,10 +28,10 @@ BUILTIN_WEIGHTS = {"synth": {"synth-vit": "synth-vit.safetensors"}}
 
 
 def _register_builtin_configs() -> None:
-    import open_clip
+    """Make sure open_clip knows `tiny` and `synth-vit` (`import skipcache` already arranges it)."""
+    from skipcache import register_model_configs
 
-    for path in sorted(CONFIG_DIR.glob("*.json")):
-        open_clip.add_model_config(path)
+    register_model_configs()
 
 
 

@@ -9,17 +9,25 @@ The format is specified in `docs/store-format.md` (schema version 1); keep them 
 Life of a store: `create_or_resume` lays out every array at `<path>.partial`, the cache stage
 calls `write_text` and `write_shard` (a shard's `done` flag is written after its data, so a killed
 process leaves a store that resumes at the first unfinished shard), and `finalize` sets
-`complete` and renames the directory to its final path in one atomic step.
+`complete` and renames the directory to its final path in one atomic step. A writer holds the
+store's lock (`lock_store`, a `flock` on `<path>.lock`) from `create_or_resume` until `finalize` or
+`close`, so a second writer of the same key waits, then resumes or reuses what the first left.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import logging
 import os
 import shutil
+import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -43,15 +51,173 @@ from skipcache.store_layout import (
     canonical_key,
     create_skeleton,
     final_and_partial,
+    hash_in_name,
     key_hash,
+    safe_component,
     store_path,
 )
-from skipcache.store_read import decode_array, encode_tensor
+from skipcache.store_read import decode_array, encode_tensor, read_array
 
 __all__ = [
-    "SCHEMA_VERSION", "FeatureStore", "SplitSpec", "find_stores", "key_hash", "list_stores",
-    "store_path",
+    "SCHEMA_VERSION", "FeatureStore", "SplitSpec", "StoreLock", "find_stores", "key_hash",
+    "list_stores", "lock_store", "safe_component", "store_path",
 ]
+
+log = logging.getLogger(__name__)
+if log.level == logging.NOTSET:  # the "waiting for another writer" line must show even when
+    log.setLevel(logging.WARNING)  # an application quiets the root logger (the CLI does)
+LOCK_SUFFIX = ".lock"
+_LOCK_POLL_S = 0.2
+
+
+class StoreLock:
+    """The exclusive lock of one store key, held by the process that writes the store.
+
+    An `fcntl.flock` on `<final path>.lock`: the kernel drops it when its process dies, so a
+    killed writer never blocks the next one. `release` deletes the file (then unlocks), and a
+    waiter that locked a deleted file tries again, so no stale file is left behind.
+    """
+
+    # locks this process holds, by lock-file path; a new writer takes over an abandoned one
+    _held: ClassVar[weakref.WeakValueDictionary] = weakref.WeakValueDictionary()
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = Path(path)
+        self._fd: int | None = fd
+        StoreLock._held[str(self.path)] = self
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def _hand_over(self) -> StoreLock:
+        fd, self._fd = self._fd, None
+        return StoreLock(self.path, fd)
+
+    def release(self) -> None:
+        """Unlock and delete the lock file; a no-op when not held."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if StoreLock._held.get(str(self.path)) is self:
+            del StoreLock._held[str(self.path)]
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(fd)
+
+    def __enter__(self) -> StoreLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.release()
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def lock_store(path: Path, *, timeout_s: float | None = None) -> StoreLock:
+    """Take the writer's lock of the store at `path` (final or `.partial` path).
+
+    Waits while another process holds it, saying so once (a warning on the `skipcache.store`
+    logger). A lock that this process already holds (a writer it abandoned) is taken over.
+
+    Args:
+        timeout_s: give up after this many seconds; None waits as long as it takes.
+
+    Raises:
+        StoreError: still held by another process after `timeout_s`.
+        OSError: the lock file cannot be created (see `write_error`).
+    """
+    final, _ = final_and_partial(path)
+    lock_path = final.with_name(final.name + LOCK_SUFFIX)
+    mine = StoreLock._held.get(str(lock_path))
+    if mine is not None and mine.held:
+        return mine._hand_over()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    warned = False
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = _lock_holder(lock_path)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StoreError(
+                    f"another `skipcache cache` (pid {holder}) is writing {final}; wait for it "
+                    "to finish (or stop it), then rerun this command"
+                ) from None
+            if not warned:
+                log.warning("another `skipcache cache` (pid %s) is writing %s; waiting for it "
+                            "to finish (Ctrl-C to stop)", holder, final)
+                warned = True
+            left = _LOCK_POLL_S if deadline is None else deadline - time.monotonic()
+            time.sleep(max(0.0, min(_LOCK_POLL_S, left)))
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder released (and deleted) it while we waited: take the new one
+            os.close(fd)
+            continue
+        lock = StoreLock(lock_path, fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
+
+def _first_non_directory(path: Path) -> Path | None:
+    for p in [*reversed(Path(path).parents), Path(path)]:
+        if p.exists() and not p.is_dir():
+            return p
+    return None
+
+
+def write_error(exc: OSError, path: Path, doing: str) -> StoreError:
+    """A one-line `StoreError` for an OSError met while writing the store at `path`."""
+    where = exc.filename or path
+    again = "rerun the same `skipcache cache` command to resume"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"no space left on the device of {path} while {doing}; free some space "
+                          f"(or pass another --root), then {again}")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return StoreError(f"cannot write {where} while {doing}: permission denied; make it "
+                          f"writable or pass another --root, then {again}")
+    if exc.errno == errno.EROFS:
+        return StoreError(f"cannot write {where} while {doing}: read-only file system; pass "
+                          f"another --root, then {again}")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = _first_non_directory(path)
+        if blocker is not None:
+            return StoreError(f"{blocker} is not a directory, so the store {path} cannot be "
+                              "created there; move it away or pass another --root")
+    return StoreError(f"cannot write {where} while {doing} ({exc.strerror or exc}); fix that, "
+                      f"then {again}")
+
+
+@contextlib.contextmanager
+def _writing(path: Path, doing: str):
+    """Turn an OSError (full disk, read-only root...) into a one-line `StoreError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(exc, path, doing) from exc
 
 
 class FeatureStore:
@@ -59,25 +225,30 @@ class FeatureStore:
     `create_or_resume` (write mode) or `open` (read mode)."""
 
     def __init__(self, path: Path, group: zarr.Group, *, writable: bool) -> None:
+        """Wrap an open group; its structure is checked first (`CorruptStore` if damaged)."""
         self.path = Path(path)
         self._group = group
         self._writable = writable
-        self._arrays: dict[str, zarr.Array] = {}
+        self._lock: StoreLock | None = None
+        arrays = store_check.check_structure(self.path, group)
+        self._arrays: dict[str, zarr.Array] = {
+            name: array.with_config(WRITE_CONFIG) if writable else array
+            for name, array in arrays.items()
+        }
         self.attrs: dict = dict(group.attrs)
         self.key: dict = self.attrs["key"]
         self.key_hash: str = self.attrs["key_hash"]
         self.storage_dtype: str = self.attrs["storage_dtype"]
         self.rows_per_shard: int = int(self.attrs["rows_per_shard"])
-        self.splits: dict[str, SplitSpec] = {
-            name: SplitSpec(
+        self.splits: dict[str, SplitSpec] = {}
+        for name, info in self.attrs["splits"].items():
+            self.splits[name] = SplitSpec(
                 name=name,
                 n=info["n"],
                 views=info["views"],
-                classes=group[f"{name}/classes"][:].tolist(),
+                classes=store_check.read_classes(self, name),
                 vision_shape=tuple(info["vision_shape"]),
             )
-            for name, info in self.attrs["splits"].items()
-        }
 
     # ---- opening -------------------------------------------------------------------------
 
@@ -94,8 +265,13 @@ class FeatureStore:
         rows_per_shard: int = 64,
         force: bool = False,
         extra_attrs: dict | None = None,
+        reuse_complete: bool = False,
+        lock_timeout_s: float | None = None,
     ) -> FeatureStore:
         """Lay out a new store at `<path>.partial`, or reopen an interrupted one to resume.
+
+        The returned writer holds the store's lock (`lock_store`) until `finalize` or `close`;
+        while another process holds it, this waits (and says so once).
 
         Args:
             path: final path of the store (usually `store_path(root, key)`).
@@ -108,35 +284,70 @@ class FeatureStore:
             force: delete any existing store (complete or partial) at the path and start over.
             extra_attrs: more root attributes (JSON-serializable), written on creation only.
                 A `library_versions` dict here is merged into the recorded versions.
+            reuse_complete: when a complete store is at `path` (e.g. another process finished
+                it while this one waited for the lock) and `force` is False, open it read-only
+                and return it (`complete` is True) instead of raising.
+            lock_timeout_s: how long to wait for another writer of this store; None: no limit.
 
         Raises:
-            StoreError: a complete store already exists at `path` and `force` is False.
+            StoreError: a complete store already exists at `path` and neither `force` nor
+                `reuse_complete` is set; another writer still holds the lock after
+                `lock_timeout_s`; the store cannot be written (full disk, read-only root...).
             StoreKeyMismatch: an interrupted store of another key or layout is at `<path>.partial`.
             StoreVersionError: the interrupted store has another schema version.
         """
         store_read.check_storage_dtype(storage_dtype)
         final, partial = final_and_partial(path)
         key = json.loads(canonical_key(key))  # plain JSON types, as they read back
-        if final.exists():
-            if not force:
-                raise StoreError(
-                    f"a complete store already exists at {final}; use it, or pass --force "
-                    "to delete and rebuild it"
-                )
-            shutil.rmtree(final)
-        if partial.exists():
-            if not force:
-                store = cls._open_dir(partial, writable=True)
-                store._check_resumable(key, text_shape, embed_dim, splits, storage_dtype,
-                                       rows_per_shard)
-                return store
-            shutil.rmtree(partial)
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-        layout = Layout(tuple(text_shape), int(embed_dim), list(splits), storage_dtype,
-                        int(rows_per_shard))
-        create_skeleton(partial, key, layout, extra_attrs or {})
-        return cls._open_dir(partial, writable=True)
+        named = hash_in_name(final)
+        if named not in (None, key_hash(key)) and (force or not partial.exists()):
+            # resuming such a path still raises StoreKeyMismatch below, naming both hashes
+            raise ValueError(f"{final} is named for key hash {named}, not this key's "
+                             f"{key_hash(key)}; build the path with store_path(root, key)")
+        if final.is_dir() and not force:  # complete stores never change: no lock needed to look
+            return cls._existing(final, reuse_complete)
+        with _writing(final, "taking the store's lock"):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            lock = lock_store(final, timeout_s=lock_timeout_s)
+        try:
+            with _writing(final, "creating the store"):
+                for p in (final, partial):
+                    if p.exists() and not p.is_dir():
+                        raise StoreError(f"{p} is a file, not a store; delete it or pass "
+                                         "another --root")
+                if final.exists():  # finished by another writer while we waited for the lock
+                    if not force:
+                        lock.release()
+                        return cls._existing(final, reuse_complete)
+                    shutil.rmtree(final)
+                if partial.exists():
+                    if not force:
+                        store = cls._open_dir(partial, writable=True)
+                        store._check_resumable(key, text_shape, embed_dim, splits, storage_dtype,
+                                               rows_per_shard)
+                        store._lock = lock
+                        return store
+                    shutil.rmtree(partial)
+                layout = Layout(tuple(text_shape), int(embed_dim), list(splits), storage_dtype,
+                                int(rows_per_shard))
+                create_skeleton(partial, key, layout, extra_attrs or {})
+                store = cls._open_dir(partial, writable=True)
+        except BaseException:
+            lock.release()
+            raise
+        store._lock = lock
+        return store
+
+    @classmethod
+    def _existing(cls, final: Path, reuse: bool) -> FeatureStore:
+        if reuse:
+            return cls.open(final)
+        raise StoreError(
+            f"a complete store already exists at {final}; use it, or pass --force "
+            "to delete and rebuild it"
+        )
 
     @classmethod
     def open(cls, path: Path, *, allow_incomplete: bool = False) -> FeatureStore:
@@ -268,13 +479,14 @@ class FeatureStore:
                 f"refusing to write text/eot: positions must lie in [0, {lt}), "
                 f"got {eot.min()}..{eot.max()}"
             )
-        self._array("text/tokens")[...] = encode_tensor(tokens, self.storage_dtype)
-        self._array("text/eot")[...] = eot
-        self._array("text/prototypes")[...] = encode_tensor(prototypes, "float32")
-        text_group = self._group["text"]
-        text_group.attrs.update(
-            {"classnames": list(classnames), "template": template, "written": True}
-        )
+        with _writing(self.path, "writing the text tokens"):
+            self._array("text/tokens")[...] = encode_tensor(tokens, self.storage_dtype)
+            self._array("text/eot")[...] = eot
+            self._array("text/prototypes")[...] = encode_tensor(prototypes, "float32")
+            text_group = self._group["text"]
+            text_group.attrs.update(
+                {"classnames": list(classnames), "template": template, "written": True}
+            )
 
     def has_text(self) -> bool:
         return bool(self._group["text"].attrs.get("written"))
@@ -282,10 +494,18 @@ class FeatureStore:
     def read_text(self, *, dtype: torch.dtype | None = torch.float32) -> dict:
         """Text tokens (`dtype`; None keeps the storage dtype), eot, prototypes, names, template."""
         attrs = self._group["text"].attrs
+        tokens = read_array(self, "text/tokens")
+        eot = read_array(self, "text/eot").astype(np.int64)
+        prototypes = read_array(self, "text/prototypes")
+        lt = self.attrs["text"]["tokens_shape"][1]
+        if eot.size and (eot.min() < 0 or eot.max() >= lt):
+            raise store_read.damaged(self, f"text/eot holds positions outside [0, {lt})")
+        if not np.isfinite(prototypes).all():
+            raise store_read.damaged(self, "text/prototypes holds non-finite values")
         return {
-            "tokens": decode_array(self._array("text/tokens")[...], self.storage_dtype, dtype),
-            "eot": torch.from_numpy(self._array("text/eot")[...].astype(np.int64)),
-            "prototypes": torch.from_numpy(self._array("text/prototypes")[...]),
+            "tokens": decode_array(tokens, self.storage_dtype, dtype),
+            "eot": torch.from_numpy(eot),
+            "prototypes": torch.from_numpy(prototypes),
             "classnames": list(attrs.get("classnames", [])),
             "template": attrs.get("template", ""),
         }
@@ -294,8 +514,12 @@ class FeatureStore:
 
     def pending_shards(self, split: str) -> list[int]:
         """Shards of `split` whose data has not been fully written yet."""
-        done = self._split_arrays(split)["done"][...]
-        return np.flatnonzero(done == 0).tolist()
+        return np.flatnonzero(self._done(split) == 0).tolist()
+
+    def _done(self, split: str) -> np.ndarray:
+        """The `done` flags of `split`; in an unfinished store an absent flag reads as 0."""
+        self._split_arrays(split)
+        return read_array(self, f"{split}/done", missing_ok=not self.complete)
 
     def write_shard(
         self, split: str, shard: int, *, vision, labels, zeroshot_logits, zeroshot_rank,
@@ -336,12 +560,13 @@ class FeatureStore:
             )
         ids = np.array([str(s) for s in source_ids], dtype=object)
         arrays, sel = self._split_arrays(split), slice(rows.start, rows.stop)
-        arrays["vision"][:, sel] = encode_tensor(vision, self.storage_dtype)
-        arrays["labels"][sel] = labels
-        arrays["zeroshot_logits"][sel] = logits
-        arrays["zeroshot_rank"][sel] = rank.astype(arrays["zeroshot_rank"].dtype)
-        arrays["source_ids"][sel] = ids
-        arrays["done"][shard] = 1  # last: a shard counts as written only after all its data
+        with _writing(self.path, f"writing shard {shard} of {split}"):
+            arrays["vision"][:, sel] = encode_tensor(vision, self.storage_dtype)
+            arrays["labels"][sel] = labels
+            arrays["zeroshot_logits"][sel] = logits
+            arrays["zeroshot_rank"][sel] = rank.astype(arrays["zeroshot_rank"].dtype)
+            arrays["source_ids"][sel] = ids
+            arrays["done"][shard] = 1  # last: a shard counts as written only after all its data
 
     def finalize(self) -> None:
         """Mark the store complete and rename `<path>.partial` to its final path."""
@@ -351,13 +576,27 @@ class FeatureStore:
             missing = ", ".join(f"{s}: {k} shards" for s, k in pending.items() if k)
             missing += "" if self.has_text() else (", " if missing else "") + "text tokens"
             raise IncompleteStore(f"cannot finalize {self.path}: still missing {missing}")
-        self._group.attrs["complete"] = True
         final, partial = final_and_partial(self.path)
-        if final.exists():
-            raise StoreError(f"cannot finalize {partial}: {final} already exists; delete one")
-        os.rename(partial, final)  # atomic on one file system
+        with _writing(self.path, "finalizing the store"):
+            self._group.attrs["complete"] = True
+            if final.exists():
+                raise StoreError(f"cannot finalize {partial}: {final} already exists; delete one")
+            os.rename(partial, final)  # atomic on one file system
+        self.close()
         store = self._open_dir(final, writable=False)
         self.__dict__.update(store.__dict__)
+
+    def close(self) -> None:
+        """Release the writer's lock (`finalize` does it too). Writing after this is unsafe."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -378,7 +617,8 @@ class FeatureStore:
         return data
 
     def read_source_ids(self, split: str) -> list[str]:
-        return [str(s) for s in self._split_arrays(split)["source_ids"][...].tolist()]
+        self._split_arrays(split)
+        return [str(s) for s in read_array(self, f"{split}/source_ids").tolist()]
 
     def iter_batches(self, split: str, batch_size: int, *, view: int = 0, shuffle: bool = True,
                      seed: int = 0, buffer_shards: int = 4, drop_last: bool = False,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -49,19 +50,63 @@ def key_hash(key: dict) -> str:
     return hashlib.sha256(canonical_key(key).encode("utf-8")).hexdigest()[:12]
 
 
-def _path_part(value: Any) -> str:
-    part = str(value).replace("/", "_").replace("\\", "_")
-    return "_" if part in ("", ".", "..") else part
+_MAX_NAME_BYTES = 255  # the longest file name common file systems take
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def safe_component(value: Any, max_bytes: int = _MAX_NAME_BYTES) -> str:
+    """`value` as one file name that cannot leave the directory it is joined to.
+
+    `/`, `\\`, NUL and other control characters become `_`; an empty name, `.` and `..` become
+    `_`; a name over `max_bytes` (UTF-8) is cut and ends with a hash of the whole value, so
+    distinct values stay distinct. Ordinary names (`ViT-B-16`, `pets`, `6`) come back unchanged.
+    Use it for every path component taken from a store key, a store attribute or other metadata.
+    """
+    text = str(value).encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> ?
+    part = "".join("_" if c in "/\\" or ord(c) < 32 or ord(c) == 127 else c for c in text)
+    if part in ("", ".", ".."):
+        return "_"
+    raw = part.encode("utf-8")
+    if len(raw) > max_bytes:
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+        part = raw[: max(0, max_bytes - 13)].decode("utf-8", "ignore") + "-" + digest
+    return part
+
+
+def confined_path(root: Path, *values: Any) -> Path:
+    """`root` joined with each value made a `safe_component`: a path that stays under `root`."""
+    return Path(root).joinpath(*(safe_component(v) for v in values))
+
+
+def split_name_problem(name: Any) -> str | None:
+    """Why `name` cannot be a split name (it names a group and a directory), or None."""
+    if not isinstance(name, str) or not _SPLIT_NAME.fullmatch(name) or name == "text":
+        return (f"split name {name!r} is not allowed: use letters, digits, '_', '-', '.', "
+                "at most 100, starting with a letter or digit, and not 'text'")
+    return None
 
 
 def store_path(root: Path, key: dict) -> Path:
-    """`<root>/<dataset>/<model>@<pretrained_label>/omega<ω>-<keyhash>.zarr` for a cache key."""
+    """`<root>/<dataset>/<model>@<pretrained_label>/omega<ω>-<keyhash>.zarr` for a cache key.
+
+    Every component goes through `safe_component`, so the path stays under `root` whatever the
+    key holds.
+    """
     missing = [f for f in _REQUIRED_KEY_FIELDS if f not in key]
     if missing:
         raise ValueError(f"store key lacks field(s) {missing}; it has {sorted(key)}")
-    model_dir = f"{_path_part(key['model'])}@{_path_part(key['pretrained_label'])}"
-    name = f"omega{_path_part(key['omega'])}-{key_hash(key)}.zarr"
-    return Path(root) / _path_part(key["dataset"]) / model_dir / name
+    model_dir = f"{safe_component(key['model'])}@{safe_component(key['pretrained_label'])}"
+    tail = f"-{key_hash(key)}.zarr"
+    omega = safe_component(key["omega"], _MAX_NAME_BYTES - len("omega") - len(tail))
+    return confined_path(root, key["dataset"], model_dir) / f"omega{omega}{tail}"
+
+
+def hash_in_name(path: Path) -> str | None:
+    """The key hash a store's directory name carries (`...-<12 hex>.zarr[.partial]`), or None
+    for a store that was given another name (a copy, a benchmark's scratch store)."""
+    name = final_and_partial(path)[0].name
+    found = re.search(r"-([0-9a-f]{12})\.zarr$", name)
+    return found.group(1) if found else None
 
 
 def final_and_partial(path: Path) -> tuple[Path, Path]:
@@ -131,6 +176,34 @@ class Layout:
         }))
 
 
+def rank_dtype(m_split: int) -> str:
+    return "int16" if m_split <= np.iinfo(np.int16).max else "int32"
+
+
+def expected_arrays(attrs: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype (a numpy name, or `str`) of every array, as the root attributes imply."""
+    tok = STORAGE_DTYPES[attrs["storage_dtype"]][1].name
+    text = attrs["text"]
+    m = text["n_classes"]
+    out = {
+        "text/tokens": (tuple(text["tokens_shape"]), tok),
+        "text/eot": ((m,), "int32"),
+        "text/prototypes": ((m, text["embed_dim"]), "float32"),
+    }
+    for name, info in attrs["splits"].items():
+        n, m_split = info["n"], info["n_classes"]
+        out.update({
+            f"{name}/vision": ((info["views"], n, *info["vision_shape"]), tok),
+            f"{name}/labels": ((n,), "int64"),
+            f"{name}/classes": ((m_split,), "int64"),
+            f"{name}/zeroshot_logits": ((n, m_split), "float32"),
+            f"{name}/zeroshot_rank": ((n, m_split), rank_dtype(m_split)),
+            f"{name}/source_ids": ((n,), "str"),
+            f"{name}/done": ((info["n_shards"],), "uint8"),
+        })
+    return out
+
+
 def create_skeleton(partial: Path, key: dict, layout: Layout, extra_attrs: dict) -> None:
     """Lay out every array under a scratch directory, then rename it to `partial`."""
     versions = {**library_versions(), **extra_attrs.get("library_versions", {})}
@@ -139,8 +212,16 @@ def create_skeleton(partial: Path, key: dict, layout: Layout, extra_attrs: dict)
     if clash:
         raise ValueError(f"extra_attrs may not set reserved attributes {sorted(clash)}")
     names = [s.name for s in layout.splits]
-    if len(set(names)) != len(names) or "text" in names:
-        raise ValueError(f"split names must be unique and not 'text', got {names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"split names must be unique, got {names}")
+    for name in names:
+        if split_name_problem(name):
+            raise ValueError(split_name_problem(name))
+    m = layout.text_shape[0]
+    for spec in layout.splits:
+        if any(not 0 <= c < m for c in spec.classes):
+            raise ValueError(f"split {spec.name}: classes must be rows of the {m} text classes, "
+                             f"got {spec.classes}")
     scratch = partial.with_name(partial.name[: -len(PARTIAL_SUFFIX)] + _CREATING_SUFFIX)
     if scratch.exists():
         shutil.rmtree(scratch)  # left by a process killed while creating
@@ -177,8 +258,8 @@ def create_skeleton(partial: Path, key: dict, layout: Layout, extra_attrs: dict)
         classes = plain(f"{spec.name}/classes", (m_split,), "int64", (m_split,), -1)
         classes[...] = np.asarray(spec.classes, dtype=np.int64)
         plain(f"{spec.name}/zeroshot_logits", (spec.n, m_split), "float32", (rows, m_split), nan)
-        rank_dtype = "int16" if m_split <= np.iinfo(np.int16).max else "int32"
-        plain(f"{spec.name}/zeroshot_rank", (spec.n, m_split), rank_dtype, (rows, m_split), -1)
+        plain(f"{spec.name}/zeroshot_rank", (spec.n, m_split), rank_dtype(m_split), (rows, m_split),
+              -1)
         plain(f"{spec.name}/source_ids", (spec.n,), str, (rows,), "")
         plain(f"{spec.name}/done", (n_shards,), "uint8", (1,), 0)
         splits_attrs[spec.name] = {

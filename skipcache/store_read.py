@@ -12,15 +12,17 @@ notes measured whole-shard reads plus an in-memory shuffle as the fast path.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from skipcache.errors import ConfigError, CorruptStore
+from skipcache.errors import ConfigError, CorruptStore, IncompleteStore, StoreError
 
 # storage dtype name -> (torch dtype of the values, numpy dtype on disk)
 STORAGE_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
@@ -70,6 +72,105 @@ def decode_array(
     return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
+# ---- reading arrays: a chunk that is not on disk is an error, never fill values ------------
+
+
+def chunk_blocks(array, selection: tuple) -> list[tuple[int, ...]]:
+    """Indices of the chunks (shards, for a sharded array) that hold `selection`.
+
+    `selection` holds ints and step-1 slices, one per leading dimension.
+    """
+    grid = array.metadata.chunk_grid.chunk_shape  # the shard shape of a sharded array
+    selection = tuple(selection) + (slice(None),) * (len(array.shape) - len(selection))
+    ranges = []
+    for sel, size, chunk in zip(selection, array.shape, grid):
+        if isinstance(sel, slice):
+            start, stop, _ = sel.indices(size)
+            ranges.append(range(start // chunk, -(-stop // chunk)) if stop > start else range(0))
+        else:
+            i = int(sel) + size if int(sel) < 0 else int(sel)
+            ranges.append(range(i // chunk, i // chunk + 1))
+    return list(itertools.product(*ranges))
+
+
+def chunk_file(root: Path, array, block: tuple[int, ...]) -> Path:
+    return Path(root) / array.path / array.metadata.encode_chunk_key(block)
+
+
+def missing_blocks(root: Path, array, selection: tuple) -> list[tuple[int, ...]]:
+    """The chunks of `selection` that have no file (Zarr would return fill values for them)."""
+    return [b for b in chunk_blocks(array, selection) if not chunk_file(root, array, b).is_file()]
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:limit] if text else ''}".rstrip(": ")
+
+
+def _blocks_text(array, blocks: list) -> str:
+    kind = "shard" if getattr(array, "shards", None) else "chunk"
+    if len(blocks) == 1:
+        return f"{kind} {blocks[0]}"
+    more = f" and {len(blocks) - 10} more" if len(blocks) > 10 else ""
+    return f"{kind}s {', '.join(map(str, blocks[:10]))}{more}"
+
+
+def damaged(store, problem: str) -> CorruptStore:
+    """The error for a complete store whose data is damaged, with the way out."""
+    return CorruptStore(
+        f"store {store.path} is damaged: {problem}; run `skipcache verify {store.path}` to list "
+        "every problem, then rebuild it with `skipcache cache ... --force`"
+    )
+
+
+def read_array(store, name: str, selection: tuple = (slice(None),), *,
+               missing_ok: bool = False) -> np.ndarray:
+    """`selection` of array `name` of `store`; raises instead of returning fill values.
+
+    A chunk without a file raises `CorruptStore` (`IncompleteStore` in an unfinished store, where
+    it may not be written yet), a chunk that fails to decode `CorruptStore`, an unreadable file
+    `StoreError`. `missing_ok` reads absent chunks as fill values (for the `done` flags of an
+    unfinished store, where absent means not done).
+    """
+    array = store._array(name)
+    if not missing_ok:
+        missing = missing_blocks(store.path, array, selection)
+        if missing:
+            what = f"{name} {_blocks_text(array, missing)} missing (no file " \
+                   f"{name}/{array.metadata.encode_chunk_key(missing[0])})"
+            if store.complete:
+                raise damaged(store, what)
+            raise IncompleteStore(
+                f"unfinished store {store.path}: {what}: not written yet (rerun the same "
+                "`skipcache cache` command to resume it) or lost (rebuild it with `skipcache cache "
+                "... --force`)"
+            )
+    try:
+        return array[selection]
+    except OSError as exc:
+        raise StoreError(
+            f"cannot read {name} of store {store.path} ({one_line(exc)}); check that its files "
+            "are readable"
+        ) from exc
+    except Exception as exc:  # checksum mismatch, truncated file, bad shard index
+        blocks = chunk_blocks(array, selection)
+        raise damaged(store, f"{name} {_blocks_text(array, blocks)} cannot be decoded "
+                             f"({one_line(exc)})") from exc
+
+
+def _check_values(store, split: str, rows: range, labels, logits, rank) -> None:
+    """Cheap checks of the small per-row arrays, so that tune and eval never index with junk."""
+    m_split = len(store.splits[split].classes)
+    where = f"rows {rows.start}..{rows.stop - 1}"
+    if labels.size and (labels.min() < 0 or labels.max() >= m_split):
+        bad = np.flatnonzero((labels < 0) | (labels >= m_split))[:10] + rows.start
+        raise damaged(store, f"{split}/labels out of range [0, {m_split}) in rows {bad.tolist()}")
+    if rank.size and (rank.min() < 0 or rank.max() >= m_split):
+        raise damaged(store, f"{split}/zeroshot_rank {where} hold ranks outside [0, {m_split})")
+    if not np.isfinite(logits).all():
+        raise damaged(store, f"{split}/zeroshot_logits {where} hold non-finite values")
+
+
 def read_rows(store, split: str, rows: range, *, views: int | None, dtype,
               include_vision: bool = True) -> dict:
     """Read a contiguous block of rows of one split into tensors.
@@ -83,20 +184,14 @@ def read_rows(store, split: str, rows: range, *, views: int | None, dtype,
         dtype: dtype of the vision tensor; None keeps the storage dtype.
         include_vision: False leaves `vision` out (and does not read it).
     """
-    arrays = store._split_arrays(split)
+    store._split_arrays(split)  # unknown split: KeyError naming the splits
     sel = slice(rows.start, rows.stop)
     view_sel = slice(None) if views is None else views
-    try:
-        vision = arrays["vision"][view_sel, sel] if include_vision else None
-        labels = arrays["labels"][sel]
-        logits = arrays["zeroshot_logits"][sel]
-        rank = arrays["zeroshot_rank"][sel]
-    except Exception as exc:  # checksum mismatch, truncated or unreadable file
-        raise CorruptStore(
-            f"rows {rows.start}..{rows.stop - 1} of split {split!r} in {store.path} cannot be "
-            f"read ({type(exc).__name__}: {exc}); run `skipcache verify` to list the bad chunks "
-            "and rebuild the store with `skipcache cache --force`"
-        ) from exc
+    vision = read_array(store, f"{split}/vision", (view_sel, sel)) if include_vision else None
+    labels = read_array(store, f"{split}/labels", (sel,))
+    logits = read_array(store, f"{split}/zeroshot_logits", (sel,))
+    rank = read_array(store, f"{split}/zeroshot_rank", (sel,))
+    _check_values(store, split, rows, labels, logits, rank)
     data = {} if vision is None else {"vision": decode_array(vision, store.storage_dtype, dtype)}
     return data | {
         "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)),

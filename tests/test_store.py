@@ -171,7 +171,7 @@ def test_bfloat16_bits_survive_special_values(tmp_path):
     storage_dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
     n=st.integers(1, 23),
     views=st.integers(1, 3),
-    m_split=st.integers(1, 6),
+    m_split=st.integers(1, TEXT_SHAPE[0]),
     lv=st.integers(1, 4),
     dv=st.integers(1, 5),
     rows_per_shard=st.integers(1, 8),
@@ -305,8 +305,11 @@ def test_key_or_layout_mismatch_raises(tmp_path):
         FeatureStore.create_or_resume(path, {**key, "template": "other"}, **kw)
     with pytest.raises(StoreKeyMismatch, match="layout"):
         FeatureStore.create_or_resume(path, key, **{**kw, "storage_dtype": "float32"})
-    fresh = FeatureStore.create_or_resume(path, {**key, "template": "other"}, force=True, **kw)
-    assert fresh.key["template"] == "other"
+    fresh = FeatureStore.create_or_resume(path, key, force=True, **{**kw, "storage_dtype": "float32"})
+    assert fresh.storage_dtype == "float32"
+    fresh.close()
+    with pytest.raises(ValueError, match="named for key hash"):  # not a path of this key
+        FeatureStore.create_or_resume(path, {**key, "template": "other"}, force=True, **kw)
 
 
 def test_complete_store_is_not_overwritten_without_force(tmp_path):
