@@ -24,6 +24,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from skipcache.errors import ConfigError, SkipcacheError
+from skipcache.model import DEFAULT_OMEGA
 from skipcache.runtime import DATA_ENV, STORE_ENV, default_store_root
 
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # scripts: no broken paths
@@ -158,7 +159,7 @@ def cache(
     option: list[str] = typer.Option([], "--option", "-o", help="Dataset option KEY=VALUE, e.g. -o num_classes=10 (repeatable)."),
     model: str = typer.Option("ViT-B-16", "--model", help="open_clip model name, or local-dir:DIR."),
     pretrained: str = typer.Option("openai", "--pretrained", help="openai (or another open_clip tag), synth, a weights file, or none."),
-    omega: int = typer.Option(6, "--omega", help="Frozen blocks per tower (0..N)."),
+    omega: int = typer.Option(DEFAULT_OMEGA, "--omega", help="Frozen blocks per tower (0..N)."),
     shots: int = typer.Option(16, "--shots", help="Training images per class (0: all)."),
     seed: int = typer.Option(1, "--seed", help="Seed of the few-shot sample and the augmentation."),
     classes: str = typer.Option("base", "--classes", help="base: train on base classes, test base and new; all: every class."),
@@ -177,7 +178,7 @@ def cache(
 
     _at_least("--workers", workers, 0, "pass 0 to decode images in the main process")
     cfg = CacheConfig(dataset=dataset, data_root=data_root, dataset_options=_parse_options(option), model=model, pretrained=pretrained, omega=omega,
-                      shots=shots or None, seed=seed, classes=classes, views=views, dtype=dtype, template=template,
+                      shots=shots, seed=seed, classes=classes, views=views, dtype=dtype, template=template,
                       root=_root(root), force=force, device=_device(device), batch_size=batch_size, workers=workers,
                       progress=not as_json)
     result = run_cache(cfg)
@@ -201,7 +202,7 @@ def tune(
     batch_size: int = typer.Option(4, "--batch-size"),
     lr: float = typer.Option(2e-5, "--lr", help="Learning rate of the text side."),
     lr_image: Optional[float] = typer.Option(None, "--lr-image", help="Learning rate of the image side (default lr/4)."),
-    warmup_epochs: int = typer.Option(1, "--warmup-epochs", help="Epochs at constant --warmup-lr before the cosine schedule."),
+    warmup_epochs: Optional[int] = typer.Option(None, "--warmup-epochs", help="Epochs at constant --warmup-lr before the cosine schedule (default: 1, or 0 when --epochs is 1)."),
     warmup_lr: float = typer.Option(1e-6, "--warmup-lr", help="Learning rate of the warm-up epochs, >= 0."),
     weight_decay: float = typer.Option(5e-4, "--weight-decay", help="SGD weight decay, >= 0 (paper: 5e-4)."),
     momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum, in [0, 1) (paper: 0.9)."),

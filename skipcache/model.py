@@ -25,6 +25,8 @@ from torch import nn
 
 from skipcache.errors import ConfigError, ModelError
 
+DEFAULT_OMEGA = 6  # frozen blocks per tower by default: the paper's 6 of ViT-B/16's 12
+
 # ---------------------------------------------------------------------------------------------
 # The towers, split
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
 import resource
 import time
@@ -35,9 +34,11 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from skipcache.child import ChildFailed, run_in_child
 from skipcache.errors import ConfigError
 from skipcache.runtime import STORE_ENV, default_store_root, resolve_device, write_json_atomic
 from skipcache.stages.cache import CacheConfig, run_cache
+from skipcache.stages.evaluate import harmonic_mean
 from skipcache.stages.tune import TuneConfig
 from skipcache.store import FeatureStore
 
@@ -291,39 +292,24 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _tune_child(tune_kwargs: dict, targets: dict, queue) -> None:
-    """Runs in a spawned process: tune, evaluate, report (result, memory) through the queue."""
-    try:
-        from skipcache.stages.evaluate import evaluate_stores
-        from skipcache.stages.tune import run_tune
+def _tune_and_evaluate(tune_kwargs: dict, targets: dict) -> dict:
+    """Runs in a spawned process (`run_in_child`): tune, evaluate, report accuracy, time and memory."""
+    from skipcache.stages.evaluate import evaluate_stores
+    from skipcache.stages.tune import run_tune
 
-        baseline = _rss_mib()
-        result = run_tune(TuneConfig(**tune_kwargs))
-        if result.peak_memory_method.startswith("torch.cuda"):
-            peak, method = result.peak_memory_mib, result.peak_memory_method
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
-            method = "child peak RSS minus RSS before training"
-        device = tune_kwargs.get("device", "auto")
-        own, *on_targets = evaluate_stores(result.run_dir, [None, *targets.values()], device=device)
-        accuracy = dict(own.accuracy)
-        accuracy.update({name: r.accuracy["all"] for name, r in zip(targets, on_targets)})
-        queue.put({"ok": True, "accuracy": accuracy, "seconds": result.seconds, "step_s": result.step_time_median_s,
-                   "peak_mib": peak, "memory_method": method, "run_dir": str(result.run_dir)})
-    except BaseException as exc:  # report, never hang the parent
-        queue.put({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-
-
-def _wait_for_report(child, queue) -> dict:
-    """The child's report; an error report if the child dies without one (OOM kill, segfault)."""
-    import queue as queue_module
-
-    while True:
-        try:
-            return queue.get(timeout=1.0)
-        except queue_module.Empty:
-            if not child.is_alive():
-                return {"ok": False, "error": f"the tuning process died with exit code {child.exitcode} (out of memory?)"}
+    baseline = _rss_mib()
+    result = run_tune(TuneConfig(**tune_kwargs))
+    if result.peak_memory_method.startswith("torch.cuda"):
+        peak, method = result.peak_memory_mib, result.peak_memory_method
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+        method = "child peak RSS minus RSS before training"
+    device = tune_kwargs.get("device", "auto")
+    own, *on_targets = evaluate_stores(result.run_dir, [None, *targets.values()], device=device)
+    accuracy = dict(own.accuracy)
+    accuracy.update({name: r.accuracy["all"] for name, r in zip(targets, on_targets)})
+    return {"accuracy": accuracy, "seconds": result.seconds, "step_s": result.step_time_median_s,
+            "peak_mib": peak, "memory_method": method, "run_dir": str(result.run_dir)}
 
 
 def run_pipeline(path: Path, *, out: Path | None = None, device: str = "auto", root: Path | None = None,
@@ -365,14 +351,14 @@ def run_pipeline(path: Path, *, out: Path | None = None, device: str = "auto", r
         method = dict(method)
         label, kind = method.pop("name"), method.pop("kind")
         overrides = {k: method.pop(k) for k in ("omega", "shots") if k in method}
-        omega = overrides.get("omega", cache_kwargs.get("omega", 6))
+        omega = overrides.get("omega", cache_kwargs.get("omega", CacheConfig.omega))
         cached = store_for(**overrides)
         targets = targets_for(omega)
         if kind == "zeroshot":
             named = {"test_base": "base", "test_new": "new", "test": "all"}
             acc = {named[k]: v for k, v in cached.zeroshot_acc.items() if k in named}
             if "base" in acc and "new" in acc:
-                acc["H"] = 2 * acc["base"] * acc["new"] / max(1e-9, acc["base"] + acc["new"])
+                acc["H"] = harmonic_mean(acc["base"], acc["new"])
             for t_name, t_path in targets.items():
                 acc[t_name] = 100.0 * FeatureStore.open(t_path).summary()["zeroshot_acc"]["test"]
             rows.append({"method": label, **acc, "tune_s": None, "step_ms": None, "peak_mib": None})  # nothing trained
@@ -380,14 +366,10 @@ def run_pipeline(path: Path, *, out: Path | None = None, device: str = "auto", r
         log(f"[{name}] tune {label!r} (omega={omega})")
         tune_kwargs = dict(method, store=cached.path, out=out / label.replace(" ", "_").replace("/", "_"),
                            device=device, progress=progress)
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        child = ctx.Process(target=_tune_child, args=(tune_kwargs, targets, queue))
-        child.start()
-        report = _wait_for_report(child, queue)
-        child.join()
-        if not report["ok"]:
-            raise ConfigError(f"method {label!r} failed: {report['error']}")
+        try:
+            report = run_in_child(_tune_and_evaluate, tune_kwargs, targets)
+        except ChildFailed as exc:
+            raise ConfigError(f"method {label!r} failed: {exc}") from None
         rows.append({"method": label, **report["accuracy"], "tune_s": report["seconds"], "step_ms": 1000 * report["step_s"],
                      "peak_mib": report["peak_mib"], "memory_method": report["memory_method"], "run_dir": report["run_dir"]})
         log(f"[{name}]   {json.dumps({k: round(v, 2) for k, v in report['accuracy'].items()})} in {report['seconds']:.1f} s")

@@ -75,3 +75,13 @@ def test_cache_config_refuses_negative_counts_before_writing(tmp_path, field, va
         run_cache(CacheConfig(dataset="synthetic", dataset_options={"num_classes": 4}, model="tiny", pretrained="none",
                               root=tmp_path / "store", device="cpu", progress=False, **{field: value}))
     assert not (tmp_path / "store").exists()
+
+
+def test_shots_zero_and_none_name_the_same_store(tmp_path):
+    """`--shots 0` on the CLI and CacheConfig(shots=0) in Python both mean every image: one key."""
+    common = dict(dataset="synthetic", dataset_options={"num_classes": 4}, model="tiny", pretrained="none", omega=1,
+                  root=tmp_path / "store", device="cpu", progress=False)
+    first = run_cache(CacheConfig(shots=0, **common))
+    second = run_cache(CacheConfig(shots=None, **common))
+    assert second.reused and second.path == first.path
+    assert first.key["shots"] is None

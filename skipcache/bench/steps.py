@@ -28,15 +28,12 @@ for the text side) and `store` (FeatureStore.iter_batches over a temporary fp16 
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import queue
 import resource
 import shutil
 import sys
 import tempfile
 import time
-import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -302,31 +299,14 @@ def run_config(name: str, opts: BenchOptions) -> dict:
     return out
 
 
-def _child(name: str, opts: dict, q) -> None:
-    try:
-        q.put({"ok": run_config(name, BenchOptions(**opts))})
-    except BaseException as exc:  # report anything, including MemoryError, to the parent
-        q.put({"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
-
-
 def run_in_child(name: str, opts: BenchOptions) -> dict:
     """Measure one configuration in a fresh spawned process; {"error": ...} if it failed."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(name, asdict(opts), q), daemon=True)
+    from skipcache.child import ChildFailed, run_in_child as in_child
+
     started = time.perf_counter()
-    proc.start()
-    result = None
-    while result is None:
-        try:
-            result = q.get(timeout=1.0)
-        except queue.Empty:
-            if not proc.is_alive():
-                try:
-                    result = q.get(timeout=1.0)
-                except queue.Empty:
-                    result = {"error": f"child process died with exit code {proc.exitcode} (killed for memory?)"}
-    proc.join()
-    out = result.get("ok", result)
+    try:
+        out = in_child(run_config, name, opts)
+    except ChildFailed as exc:
+        out = {"error": str(exc), "traceback": exc.traceback}
     out["wall_s"] = time.perf_counter() - started
     return out

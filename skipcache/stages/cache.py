@@ -22,7 +22,7 @@ from skipcache.data import Task, build_task, get_dataset, load_image
 from skipcache.data.registry import get_registry
 from skipcache.errors import ConfigError
 from skipcache.loading import LoadedModel, load_model, tokenizer_for
-from skipcache.model import DeepCLIP, ShallowCLIP, split_model
+from skipcache.model import DEFAULT_OMEGA, DeepCLIP, ShallowCLIP, split_model
 from skipcache.placement import Placement
 from skipcache.progress import make_progress
 from skipcache.runtime import default_store_root, library_versions
@@ -45,7 +45,8 @@ class CacheConfig:
         model: open_clip model name, or `local-dir:DIR`.
         pretrained: `openai`, another open_clip tag, `synth`, a weights file, or `none`.
         omega: number of frozen blocks per tower (0..N).
-        shots: images per class in the train split (None: all).
+        shots: images per class in the train split (None or 0: all; 0 is stored as None, so
+            both name the same store).
         seed: seed of the few-shot sample, the augmentation and a random init.
         classes: `base` (train on the first half of the classes; test on base and new) or `all`.
         views: augmented views per training image (1: the plain eval transform).
@@ -64,7 +65,7 @@ class CacheConfig:
     dataset_options: dict = field(default_factory=dict)
     model: str = "ViT-B-16"
     pretrained: str = "openai"
-    omega: int = 6
+    omega: int = DEFAULT_OMEGA
     shots: int | None = 16
     seed: int = 1
     classes: str = "base"
@@ -77,6 +78,10 @@ class CacheConfig:
     batch_size: int = 64
     workers: int = 0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.shots == 0:  # "all images", the same store as None
+            self.shots = None
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -225,7 +230,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     dataset = get_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options) if info is None or info.needs_root else None
     lm = load_model(cfg.model, cfg.pretrained, seed=cfg.seed)
     dataset = dataset or get_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
-    task = build_task(dataset, shots=cfg.shots or None, seed=cfg.seed, classes=cfg.classes)
+    task = build_task(dataset, shots=cfg.shots, seed=cfg.seed, classes=cfg.classes)
     template = cfg.template or task.templates[0]
     frozen = FrozenForward(lm, cfg.omega, place)
     key = build_key(cfg, lm, task, template)
