@@ -219,9 +219,9 @@ def tune(
     seed: int = typer.Option(1, "--seed"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<dataset>-<model>-omega<w>-<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    checkpoint_every: float = typer.Option(60.0, "--checkpoint-every", help="Seconds between resumable checkpoints (written at epoch ends, and after the last epoch); 0: every epoch."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Weights file, if the store's source moved."),
     device: str = DeviceOpt,
-    workers: int = typer.Option(0, "--workers", help="Unused: the store reader prefetches in a thread."),
     as_json: bool = JsonOpt,
 ):
     """Train blocks omega+1..N on a store with CSkip; write a run directory."""
@@ -231,7 +231,8 @@ def tune(
                      epochs=epochs, batch_size=batch_size, lr=lr, lr_image=lr_image, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
                      weight_decay=weight_decay, momentum=momentum, r=r, lam=lam,
                      max_top=None if no_cap else max_top, cskip_variant=cskip_variant, cskip=not no_cskip, cskip_subset=cskip_subset, precision=precision, rank=rank, batching=batching, seed=seed,
-                     resume=resume, pretrained=pretrained, device=device, workers=workers, progress=not as_json)
+                     resume=resume, pretrained=pretrained, device=device, progress=not as_json,
+                     checkpoint_every_s=checkpoint_every)
     cfg.validate()  # every setting before the device or the store is looked at
     _device(device)
     result = run_tune(cfg)
@@ -252,20 +253,18 @@ def eval_(
     store: Optional[Path] = typer.Option(None, "--store", help="Evaluate on another store (same model, weights, omega): cross-dataset or domain shift."),
     device: str = DeviceOpt,
     batch_size: int = typer.Option(256, "--batch-size"),
-    workers: int = typer.Option(0, "--workers", help="Unused: evaluation reads the store."),
     as_json: bool = JsonOpt,
 ):
     """Accuracy on the cached test splits: base, new and H (percent), next to zero-shot."""
     from skipcache.stages.evaluate import run_eval
 
     _at_least("--batch-size", batch_size, 1, "e.g. --batch-size 256")
-    _at_least("--workers", workers, 0, "pass 0 (evaluation reads the store)")
     result = run_eval(run_dir, store=store, device=_device(device), batch_size=batch_size)
     if as_json:
         return _print_json(result.to_json())
     keys = [k for k in ("base", "new", "H", "all") if k in result.accuracy]
     out.print(_table(f"top-1 accuracy (%) of {run_dir}", ["method", *keys],
-                     [["zero-shot", *[result.zeroshot[k] for k in keys]], ["Skip Tuning", *[result.accuracy[k] for k in keys]]]))
+                     [["zero-shot", *[result.zeroshot[k] for k in keys]], [result.method, *[result.accuracy[k] for k in keys]]]))
 
 
 @app.command()
@@ -284,7 +283,7 @@ def inspect(store: Path = typer.Argument(..., help="Store path, or a path under 
     out.print("[bold]key[/bold]: " + json.dumps(summary.get("key", {}), sort_keys=True))
     splits = summary.get("splits", {})
     rows = [[s, v.get("n"), v.get("views"), v.get("classes") if isinstance(v.get("classes"), int) else len(v.get("classes", [])),
-             v.get("size_mib", float("nan")), 100 * summary.get("zeroshot_acc", {}).get(s, float("nan"))] for s, v in splits.items()]
+             v.get("size_mib", float("nan")), v.get("zeroshot_acc_pct")] for s, v in splits.items()]
     out.print(_table("splits", ["split", "images", "views", "classes", "MiB", "zero-shot %"], rows))
 
 
@@ -353,7 +352,6 @@ def predict(
     top_k: int = typer.Option(5, "--top-k"),
     device: str = DeviceOpt,
     batch_size: int = typer.Option(32, "--batch-size"),
-    workers: int = typer.Option(0, "--workers", help="Unused: images are decoded in the main process."),
     as_json: bool = JsonOpt,
 ):
     """Top-k classes for raw images through the tuned model."""
@@ -361,7 +359,6 @@ def predict(
 
     _at_least("--top-k", top_k, 1, "e.g. --top-k 5")
     _at_least("--batch-size", batch_size, 1, "e.g. --batch-size 32")
-    _at_least("--workers", workers, 0, "pass 0 (images are decoded in the main process)")
     preds = run_predict(run_dir, images, top_k=top_k, device=_device(device), batch_size=batch_size)
     if as_json:
         return _print_json([{"image": p.image, "top": [{"class": c, "prob": v} for c, v in p.top]} for p in preds])

@@ -234,6 +234,13 @@ class BatchSubset:
         self._priority = self._priority.to(device)
         return self
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a draw computes with (all on one device)."""
+        out = {"p_tail": self.p_tail, "priority": self._priority}
+        if self._fixed is not None:
+            out["fixed_draw"] = self._fixed
+        return out
+
     def expected_size(self) -> float:
         """E[classes kept per step]: the certain positions plus the expected (or fixed) tail draw."""
         return self.certain + float((self._fixed if self._fixed is not None else self.p_tail).sum())

@@ -4,6 +4,11 @@ Names: open_clip's model names, the built-in configs in `model_configs/` (`tiny`
 and `local-dir:DIR`. Weights: `none` (seeded random init), open_clip pretrained tags (`openai`,
 ...; downloaded on first use), a local weights file, and the built-in tag `synth`. Offline, a
 download fails in seconds with a message that says how to pass a local file instead.
+
+The weights of a store: `store_weights_source` picks what to load for a store from its metadata
+(or from a run), trusting a source only when it reproduces the store's weights hash
+(`trusted_weights_source`), and `load_deep_model` loads them and keeps the deep part: what
+tune, eval and export train or run on.
 """
 
 from __future__ import annotations
@@ -13,18 +18,26 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from skipcache.errors import ModelError
+from skipcache.errors import ModelError, StoreError
+from skipcache.model import DeepCLIP, split_model
+from skipcache.placement import Placement
+
+if TYPE_CHECKING:
+    from skipcache.store import FeatureStore
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # Built-in pretrained tags: tag -> {model name: file in WEIGHTS_DIR}.
 BUILTIN_WEIGHTS = {"synth": {"synth-vit": "synth-vit.safetensors"}}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def _register_builtin_configs() -> None:
@@ -111,7 +124,7 @@ def load_model(name: str, pretrained: str = "none", *, seed: int = 0) -> LoadedM
         path = WEIGHTS_DIR / files[name]
         if not path.exists():
             raise ModelError(f"built-in weights file {path.name} is missing from the package; reinstall skipcache or run `make tiny-clip`")
-        from skipcache.synthworld.pretrain import load_synth_state_dict
+        from skipcache.synthworld.weights import load_synth_state_dict
 
         state_dict, weights_hash = load_synth_state_dict(path), _file_sha256(path)
     elif Path(pretrained).expanduser().is_file():
@@ -221,3 +234,76 @@ def config_of(name: str) -> dict:
     if cfg is None:
         raise ModelError(f"unknown model {name!r}; run `skipcache models`")
     return json.loads(json.dumps(cfg))
+
+
+# ------------------------------------------------------------------------ weights of a store
+
+
+def trusted_weights_source(source: str, key: dict, *, origin: str,
+                           hint: str = "pass the weights it was cached with as --pretrained FILE") -> str:
+    """`source` if loading it reproduces the key's `weights_hash` without opening anything else.
+
+    A source read from a store or a run (not typed by the user) is used only when it is `none`
+    for a random-init key, a built-in or open_clip tag whose hash is the key's, or an existing
+    regular file with a weights suffix whose content hash is the key's. Anything else raises
+    StoreError naming the source, before any file is opened.
+    """
+    want = str(key.get("weights_hash", ""))
+    model = str(key.get("model", ""))
+    source = str(source)
+    if model.startswith("local-dir:"):  # the weights are the folder's; load_model ignores the source
+        return source
+    if source in ("none", ""):
+        if want.startswith("random-seed"):
+            return source
+    elif source in BUILTIN_WEIGHTS:
+        files = BUILTIN_WEIGHTS[source]
+        if model in files and (WEIGHTS_DIR / files[model]).is_file() and _file_sha256(WEIGHTS_DIR / files[model]) == want:
+            return source
+    elif re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", source) and not source.endswith(WEIGHT_SUFFIXES) \
+            and not Path(source).exists():
+        if want == f"open_clip:{model}:{source}":
+            return source
+    else:
+        path = Path(source).expanduser()
+        if path.suffix in WEIGHT_SUFFIXES and path.is_file() and _file_sha256(path) == want:
+            return source
+    raise StoreError(
+        f"{origin} names weights {source!r} that are not the ones it was cached with: not a built-in name or tag, "
+        f"nor an existing {'/'.join(WEIGHT_SUFFIXES)} file, with weights hash {want}; {hint}")
+
+
+def store_weights_source(store: FeatureStore, *first: str | None, hint: str | None = None) -> str:
+    """The weights to load for `store`: the first of `first` (sources read from a run), the
+    store's `pretrained_source` and its key's `pretrained_label` that passes
+    `trusted_weights_source`; the first refusal otherwise."""
+    candidates = [c for c in (*first, store.attrs.get("pretrained_source"), store.key.get("pretrained_label")) if c is not None]
+    refusal = None
+    for source in candidates:
+        try:
+            return trusted_weights_source(source, store.key, origin=f"store {store.path}",
+                                          **({"hint": hint} if hint else {}))
+        except StoreError as exc:
+            refusal = refusal or exc
+    if refusal is None:
+        raise StoreError(f"store {store.path} names no weights source; pass the weights it was cached with as --pretrained FILE")
+    raise refusal
+
+
+def load_deep_model(store: FeatureStore, device: torch.device | Placement, pretrained: str | None = None) -> DeepCLIP:
+    """The deep part of the store's model with its pretrained weights; the shallow part is freed.
+
+    `pretrained` (typed by the user) is loaded as given; otherwise the store's own source, only
+    if `store_weights_source` trusts it. Either way the loaded weights must have the hash the
+    store was cached with (StoreError otherwise).
+    """
+    key = store.key
+    source = pretrained or store_weights_source(store)  # store metadata: used only if it reproduces weights_hash
+    lm = load_model(key["model"], source, seed=key.get("seed", 0))
+    if lm.weights_hash != key["weights_hash"]:
+        raise StoreError(
+            f"weights {source!r} (hash {lm.weights_hash}) are not the ones the store was cached with ({key['weights_hash']}); "
+            "pass the original weights with --pretrained, or re-cache")
+    _, deep = split_model(lm.model, key["omega"], keep_shallow=False)
+    place = device if isinstance(device, Placement) else Placement(torch.device(device))
+    return place.modules(deep)

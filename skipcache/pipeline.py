@@ -360,7 +360,7 @@ def run_pipeline(path: Path, *, out: Path | None = None, device: str = "auto", r
             if "base" in acc and "new" in acc:
                 acc["H"] = harmonic_mean(acc["base"], acc["new"])
             for t_name, t_path in targets.items():
-                acc[t_name] = 100.0 * FeatureStore.open(t_path).summary()["zeroshot_acc"]["test"]
+                acc[t_name] = FeatureStore.open(t_path).summary()["zeroshot_acc_pct"]["test"]
             rows.append({"method": label, **acc, "tune_s": None, "step_ms": None, "peak_mib": None})  # nothing trained
             continue
         log(f"[{name}] tune {label!r} (omega={omega})")

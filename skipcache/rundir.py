@@ -18,8 +18,9 @@ Public API:
     load_tuned(run_dir, device, store=None, full=False) -> TunedRun   a finished run, checked, loaded
     check_compatible(info, store)               another store fits the run (model, weights, omega)
     eval_file_name(store) -> str                eval.json name for another store, one component
-    store_weights_source(store, *first) -> str  the weights to load for a store, trusted or refused
-    trusted_weights_source(source, key, origin) -> str   the rule behind it
+
+Which weights a store's metadata may name, and loading them (`store_weights_source`,
+`trusted_weights_source`, `load_deep_model`), belong to `skipcache.loading`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from skipcache.errors import ConfigError, RunError, StoreError
+from skipcache.loading import load_deep_model, load_model, store_weights_source
 from skipcache.runtime import default_store_root, utc_now, write_text_atomic
 from skipcache.store import FeatureStore, key_hash, store_path
 from skipcache.store_layout import safe_component
@@ -53,13 +55,13 @@ LOCK = "tune.lock"
 LEGACY_CHECKPOINT = "checkpoint.pt"
 _TENSORS_RE = re.compile(r"checkpoint-e(\d{4,})\.safetensors")
 _TMP_RE = re.compile(r"\..+\.tmp")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # TuneConfig fields that do not change what is trained: they may differ on --resume. Every other
 # field (lr, seed, batch size, epochs, CSkip...) must match config.json. The store may move or be
-# named differently; it must be the same store by key hash.
+# named differently; it must be the same store by key hash. Entries of config.json that are no
+# longer TuneConfig fields (an old run's `workers`) are not compared.
 RUNTIME_SETTINGS = frozenset({
-    "store", "root", "dataset", "model", "omega", "out", "resume", "device", "precision", "workers",
-    "pretrained", "progress",
+    "store", "root", "dataset", "model", "omega", "out", "resume", "device", "precision",
+    "pretrained", "progress", "checkpoint_every_s",
 })
 # Optimizer group entries that say how the update is computed on this device, not what it is.
 _IMPLEMENTATION_KEYS = ("foreach", "fused", "differentiable", "capturable")
@@ -148,62 +150,6 @@ def _check_version(run_dir: Path, data: dict) -> None:
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
-
-
-# ------------------------------------------------------------------------ weights of a store
-
-
-def trusted_weights_source(source: str, key: dict, *, origin: str,
-                           hint: str = "pass the weights it was cached with as --pretrained FILE") -> str:
-    """`source` if loading it reproduces the key's `weights_hash` without opening anything else.
-
-    A source read from a store or a run (not typed by the user) is used only when it is `none`
-    for a random-init key, a built-in or open_clip tag whose hash is the key's, or an existing
-    regular file with a weights suffix whose content hash is the key's. Anything else raises
-    StoreError naming the source, before any file is opened.
-    """
-    from skipcache.loading import BUILTIN_WEIGHTS, WEIGHTS_DIR, _file_sha256
-
-    want = str(key.get("weights_hash", ""))
-    model = str(key.get("model", ""))
-    source = str(source)
-    if model.startswith("local-dir:"):  # the weights are the folder's; load_model ignores the source
-        return source
-    if source in ("none", ""):
-        if want.startswith("random-seed"):
-            return source
-    elif source in BUILTIN_WEIGHTS:
-        files = BUILTIN_WEIGHTS[source]
-        if model in files and (WEIGHTS_DIR / files[model]).is_file() and _file_sha256(WEIGHTS_DIR / files[model]) == want:
-            return source
-    elif re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", source) and not source.endswith(WEIGHT_SUFFIXES) \
-            and not Path(source).exists():
-        if want == f"open_clip:{model}:{source}":
-            return source
-    else:
-        path = Path(source).expanduser()
-        if path.suffix in WEIGHT_SUFFIXES and path.is_file() and _file_sha256(path) == want:
-            return source
-    raise StoreError(
-        f"{origin} names weights {source!r} that are not the ones it was cached with: not a built-in name or tag, "
-        f"nor an existing {'/'.join(WEIGHT_SUFFIXES)} file, with weights hash {want}; {hint}")
-
-
-def store_weights_source(store: FeatureStore, *first: str | None, hint: str | None = None) -> str:
-    """The weights to load for `store`: the first of `first` (sources read from a run), the
-    store's `pretrained_source` and its key's `pretrained_label` that passes
-    `trusted_weights_source`; the first refusal otherwise."""
-    candidates = [c for c in (*first, store.attrs.get("pretrained_source"), store.key.get("pretrained_label")) if c is not None]
-    refusal = None
-    for source in candidates:
-        try:
-            return trusted_weights_source(source, store.key, origin=f"store {store.path}",
-                                          **({"hint": hint} if hint else {}))
-        except StoreError as exc:
-            refusal = refusal or exc
-    if refusal is None:
-        raise StoreError(f"store {store.path} names no weights source; pass the weights it was cached with as --pretrained FILE")
-    raise refusal
 
 
 # --------------------------------------------------------------------------- store of a run
@@ -412,6 +358,7 @@ class TuneRun:
         self.path, self.resuming, self.config = path, resuming, config
         self._lock_fd = lock_fd
         self._weights_sha256: str | None = None
+        self.finished = False  # set by open_for_tune: --resume of a run that has already finished
 
     # -- resume
 
@@ -463,6 +410,11 @@ class TuneRun:
             if old.name != name:
                 old.unlink(missing_ok=True)
         # Rewritten from the checkpointed history, so a kill at any point never duplicates or loses a line.
+        write_text_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+
+    def write_metrics(self, history: list[dict]) -> None:
+        """metrics.jsonl from `history` alone, for an epoch that is not checkpointed (a resume from
+        the last checkpoint rewrites it from that checkpoint's history: no line is duplicated)."""
         write_text_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in history))
 
     def write_weights(self, deep, store: FeatureStore) -> None:
@@ -555,7 +507,7 @@ def open_for_tune(cfg, store: FeatureStore, out: Path) -> TuneRun:
     - config.json but no checkpoint yet (killed before its first epoch ended): started again
       from scratch, with or without `--resume` (with it, the settings must match);
     - a checkpoint: continued with `--resume` only, with the same training settings and store;
-    - a finished run: `--resume` reloads the last checkpoint and rewrites the outputs;
+    - a finished run: `--resume` finds nothing to do (`.finished`); its outputs stay as they are;
     - anything else (other files, an old pickle checkpoint, another format version): refused.
 
     The folder is locked (`tune.lock`) for the life of the returned handle, so two tune
@@ -590,7 +542,9 @@ def open_for_tune(cfg, store: FeatureStore, out: Path) -> TuneRun:
             _clean(out, keep=None)
         if config != saved:
             _write_json_durably(out / CONFIG, config)
-        return TuneRun(out, resuming, config, fd)
+        handle = TuneRun(out, resuming, config, fd)
+        handle.finished = resuming and state == "finished"
+        return handle
     except BaseException:
         if fd is not None:
             os.close(fd)
@@ -683,8 +637,6 @@ def load_tuned(run_dir: Path, device: torch.device | str = "cpu", store: Feature
     source = store_weights_source(store, config.get("pretrained"),
                                   hint="put the weights file back where it was cached from, or retrain with --pretrained FILE")
     if full:
-        from skipcache.loading import load_model
-
         lm = load_model(store.key["model"], source, seed=store.key.get("seed", 0))
         if lm.weights_hash != store.key["weights_hash"]:
             raise StoreError(f"weights {source!r} (hash {lm.weights_hash}) are not the ones store {store.path} was cached with "
@@ -696,8 +648,6 @@ def load_tuned(run_dir: Path, device: torch.device | str = "cpu", store: Feature
         state.update(weights)
         lm.model.load_state_dict(state, strict=True)
         return TunedRun(run_dir, config, info, store, full=lm)
-    from skipcache.stages.tune import load_deep_model
-
     deep = load_deep_model(store, torch.device(device) if isinstance(device, str) else device, source)
     deep.load_deep_state_dict(weights)
     return TunedRun(run_dir, config, info, store, deep=deep.eval())

@@ -83,9 +83,7 @@ class TuneStep:
         """Every tensor the step computes with besides the model (for placement checks)."""
         out = {"tokens": self.tokens, "eot": self.eot, "prototypes": self.prototypes}
         if self.subset is not None:
-            out.update(subset_p_tail=self.subset.p_tail, subset_priority=self.subset._priority)
-            if self.subset._fixed is not None:
-                out["subset_fixed_draw"] = self.subset._fixed
+            out.update({f"subset_{k}": v for k, v in self.subset.tensors().items()})
         if self.fixed_masks is not None:
             out["fixed_masks"] = self.fixed_masks
         return out

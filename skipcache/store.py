@@ -45,22 +45,25 @@ from skipcache.store_layout import (
     PARTIAL_SUFFIX,
     SCHEMA_VERSION,
     SPLIT_ARRAYS,
+    STORAGE_DTYPES,
     WRITE_CONFIG,
     Layout,
     SplitSpec,
     canonical_key,
+    check_storage_dtype,
     create_skeleton,
     final_and_partial,
     hash_in_name,
     key_hash,
+    read_root_attrs,
     safe_component,
     store_path,
 )
 from skipcache.store_read import decode_array, encode_tensor, read_array
 
 __all__ = [
-    "SCHEMA_VERSION", "FeatureStore", "SplitSpec", "StoreLock", "find_stores", "key_hash",
-    "list_stores", "lock_store", "safe_component", "store_path",
+    "SCHEMA_VERSION", "STORAGE_DTYPES", "FeatureStore", "SplitSpec", "StoreLock", "find_stores",
+    "key_hash", "list_stores", "lock_store", "safe_component", "store_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -296,7 +299,7 @@ class FeatureStore:
             StoreKeyMismatch: an interrupted store of another key or layout is at `<path>.partial`.
             StoreVersionError: the interrupted store has another schema version.
         """
-        store_read.check_storage_dtype(storage_dtype)
+        check_storage_dtype(storage_dtype)
         final, partial = final_and_partial(path)
         key = json.loads(canonical_key(key))  # plain JSON types, as they read back
         if rows_per_shard < 1:
@@ -406,7 +409,7 @@ class FeatureStore:
             )
         wanted = Layout(tuple(text_shape), int(embed_dim), list(splits), storage_dtype,
                         int(rows_per_shard)).describe()
-        found = self._layout().describe()
+        found = self.layout.describe()
         differ = [f"{k}: {found[k]} stored, {wanted[k]} wanted" for k in found
                   if k != "splits" and found[k] != wanted[k]]
         if found["splits"] != wanted["splits"]:
@@ -419,7 +422,9 @@ class FeatureStore:
                 f"({'; '.join(differ)}); {fix}"
             )
 
-    def _layout(self) -> Layout:
+    @property
+    def layout(self) -> Layout:
+        """Everything besides the key that fixes this store's arrays (shapes, dtype, shards)."""
         text = self.attrs["text"]
         return Layout(tuple(text["tokens_shape"]), text["embed_dim"], list(self.splits.values()),
                       self.storage_dtype, self.rows_per_shard)
@@ -445,16 +450,23 @@ class FeatureStore:
             raise IndexError(f"shard {shard} out of range for split {split!r}")
         return range(shard * self.rows_per_shard, min(n, (shard + 1) * self.rows_per_shard))
 
-    def _array(self, name: str) -> zarr.Array:
+    def array(self, name: str) -> zarr.Array:
+        """The Zarr array `name` (`text/tokens`, `<split>/vision`...) as opened for this store.
+
+        Reading it directly returns fill values for chunks that are not on disk; `read_split`,
+        `read_text` and `iter_batches` (through `skipcache.store_read.read_array`) raise instead.
+        """
         if name not in self._arrays:
             array = self._group[name]
             self._arrays[name] = array.with_config(WRITE_CONFIG) if self._writable else array
         return self._arrays[name]
 
-    def _split_arrays(self, split: str) -> dict[str, zarr.Array]:
+    def split_arrays(self, split: str) -> dict[str, zarr.Array]:
+        """The arrays of `split` by short name (`vision`, `labels`...); KeyError naming the
+        store's splits when it has no such split."""
         if split not in self.splits:
             raise KeyError(f"no split {split!r} in store {self.path}; it has {self.split_names}")
-        return {a: self._array(f"{split}/{a}") for a in SPLIT_ARRAYS}
+        return {a: self.array(f"{split}/{a}") for a in SPLIT_ARRAYS}
 
     def _require_writable(self) -> None:
         if not self._writable:
@@ -480,9 +492,9 @@ class FeatureStore:
                 f"got {eot.min()}..{eot.max()}"
             )
         with _writing(self.path, "writing the text tokens"):
-            self._array("text/tokens")[...] = encode_tensor(tokens, self.storage_dtype)
-            self._array("text/eot")[...] = eot
-            self._array("text/prototypes")[...] = encode_tensor(prototypes, "float32")
+            self.array("text/tokens")[...] = encode_tensor(tokens, self.storage_dtype)
+            self.array("text/eot")[...] = eot
+            self.array("text/prototypes")[...] = encode_tensor(prototypes, "float32")
             text_group = self._group["text"]
             text_group.attrs.update(
                 {"classnames": list(classnames), "template": template, "written": True}
@@ -514,11 +526,12 @@ class FeatureStore:
 
     def pending_shards(self, split: str) -> list[int]:
         """Shards of `split` whose data has not been fully written yet."""
-        return np.flatnonzero(self._done(split) == 0).tolist()
+        return np.flatnonzero(self.done_flags(split) == 0).tolist()
 
-    def _done(self, split: str) -> np.ndarray:
-        """The `done` flags of `split`; in an unfinished store an absent flag reads as 0."""
-        self._split_arrays(split)
+    def done_flags(self, split: str) -> np.ndarray:
+        """The `done` flags of `split`, one per shard (1: written); in an unfinished store an
+        absent flag reads as 0."""
+        self.split_arrays(split)
         return read_array(self, f"{split}/done", missing_ok=not self.complete)
 
     def write_shard(
@@ -559,7 +572,7 @@ class FeatureStore:
                 f"refusing to write shard {shard} of {split}: " + "; ".join(problems)
             )
         ids = np.array([str(s) for s in source_ids], dtype=object)
-        arrays, sel = self._split_arrays(split), slice(rows.start, rows.stop)
+        arrays, sel = self.split_arrays(split), slice(rows.start, rows.stop)
         with _writing(self.path, f"writing shard {shard} of {split}"):
             arrays["vision"][:, sel] = encode_tensor(vision, self.storage_dtype)
             arrays["labels"][sel] = labels
@@ -617,7 +630,7 @@ class FeatureStore:
         return data
 
     def read_source_ids(self, split: str) -> list[str]:
-        self._split_arrays(split)
+        self.split_arrays(split)
         return [str(s) for s in read_array(self, f"{split}/source_ids").tolist()]
 
     def iter_batches(self, split: str, batch_size: int, *, view: int = 0, shuffle: bool = True,
@@ -643,7 +656,8 @@ class FeatureStore:
         return store_check.verify(self)
 
     def summary(self) -> dict:
-        """What `skipcache inspect` shows: key, shapes, sizes, progress, zero-shot accuracy."""
+        """What `skipcache inspect` shows: key, shapes, sizes, progress, and zero-shot top-1 in
+        percent (`zeroshot_acc_pct`, per split; None before a split has a written shard)."""
         return store_check.summary(self)
 
     def disk_size_mib(self) -> float:
@@ -683,7 +697,7 @@ def list_stores(root: Path) -> list[dict]:
             "path": path, "complete": False, "size_mib": store_check.dir_size_mib(path),
         }
         try:
-            attrs = json.loads((path / "zarr.json").read_text())["attributes"]
+            attrs = read_root_attrs(path)
             key = attrs["key"]
             entry.update(
                 dataset=key.get("dataset"), model=key.get("model"),
@@ -692,7 +706,7 @@ def list_stores(root: Path) -> list[dict]:
                 schema_version=attrs.get("schema_version"),
                 complete=bool(attrs.get("complete")) and not path.name.endswith(PARTIAL_SUFFIX),
             )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (StoreError, KeyError, TypeError, AttributeError) as exc:
             entry["error"] = f"unreadable store metadata: {exc}"
         entries.append(entry)
     return entries

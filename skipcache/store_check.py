@@ -6,7 +6,8 @@ name), every array exists with the shape and dtype the attributes imply. `verify
 chunk of a store and reports each problem on one line that names the array and the chunk index: a
 chunk or shard file that is missing or fails to decode (every chunk carries a crc32c checksum), a
 non-finite value, a label outside the split's classes, a ranking row that is not a permutation.
-`summary` is what `skipcache inspect` prints.
+`summary` is what `skipcache inspect` prints. Like `skipcache.store_read`, this module reads a
+store only through `FeatureStore`'s public interface.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import torch
 from skipcache.errors import CorruptStore
 from skipcache.store_layout import (
     SPLIT_ARRAYS,
+    STORAGE_DTYPES,
     expected_arrays,
     hash_in_name,
     key_hash,
     split_name_problem,
 )
 from skipcache.store_read import (
-    STORAGE_DTYPES,
     chunk_blocks,
     chunk_file,
     decode_array,
@@ -177,7 +178,7 @@ def _text_attr_problems(group, m: int) -> list[str]:
 def read_classes(store, split: str) -> list[int]:
     """The global classes of `split`, each checked to be a row of `text/*`."""
     name = f"{split}/classes"
-    if missing_blocks(store.path, store._array(name), (slice(None),)):  # written at creation
+    if missing_blocks(store.path, store.array(name), (slice(None),)):  # written at creation
         raise CorruptStore(f"store {store.path} is damaged: {name} chunk (0,) is missing; "
                            f"{_REBUILD}")
     classes = read_array(store, name)
@@ -238,7 +239,7 @@ def _read(store, name: str, selection: tuple, problems: _Problems,
             so that the problem names the chunk that is bad.
         missing_ok: absent chunks read as fill values (the `done` flags of an unfinished store).
     """
-    array = store._array(name)
+    array = store.array(name)
     blocks = chunk_blocks(array, selection)
     if not missing_ok:
         missing = [b for b in blocks if not chunk_file(store.path, array, b).is_file()]
@@ -288,7 +289,7 @@ def _verify_text(store, problems: _Problems) -> None:
         problems.add("text", "text tokens not written yet")
         return
     m, lt, _ = store.attrs["text"]["tokens_shape"]
-    tokens = store._array("text/tokens")
+    tokens = store.array("text/tokens")
     rows_per_chunk = tokens.chunks[0]
     for c in range(-(-m // rows_per_chunk)):
         sel = (slice(c * rows_per_chunk, (c + 1) * rows_per_chunk),)
@@ -355,11 +356,13 @@ def _verify_split(store, split: str, problems: _Problems) -> None:
 
 
 def summary(store) -> dict:
-    """See `FeatureStore.summary`. Accuracies are fractions in [0, 1] over the written shards."""
+    """See `FeatureStore.summary`. Zero-shot accuracies (`zeroshot_acc_pct`) are top-1 in percent
+    over the written shards, as every accuracy skipcache reports; None for a split with no shard
+    written yet."""
     splits = {}
     for split in store.split_names:
         spec = store.splits[split]
-        done = store._done(split)
+        done = store.done_flags(split)
         correct = seen = 0
         for shard in np.flatnonzero(done != 0).tolist():
             rows = store.shard_rows(split, shard)
@@ -378,7 +381,7 @@ def summary(store) -> dict:
             "n_shards": int(done.size),
             "size_mib": dir_size_mib(Path(store.path) / split),
             "arrays_mib": {a: dir_size_mib(Path(store.path) / split / a) for a in SPLIT_ARRAYS},
-            "zeroshot_acc": correct / seen if seen else None,
+            "zeroshot_acc_pct": 100.0 * correct / seen if seen else None,
         }
     text = store.attrs["text"]
     return {
@@ -400,5 +403,5 @@ def summary(store) -> dict:
             "size_mib": dir_size_mib(Path(store.path) / "text"),
         },
         "splits": splits,
-        "zeroshot_acc": {name: info["zeroshot_acc"] for name, info in splits.items()},
+        "zeroshot_acc_pct": {name: info["zeroshot_acc_pct"] for name, info in splits.items()},
     }

@@ -1,8 +1,10 @@
-"""The store layout: schema version, path scheme, cache key hash, and the empty array skeleton.
+"""The store layout: schema version, path scheme, cache key hash, storage dtypes, and the empty
+array skeleton.
 
 Everything that fixes where a store lives and what arrays it holds, with which shapes, dtypes,
 chunks and shards, is decided here, once, when `create_skeleton` lays out a new store. The
 writer and readers (`skipcache.store`, `skipcache.store_read`) only fill and read those arrays.
+`read_root_attrs` reads a store's root attributes (schema version, key...) without opening it.
 The spec is `docs/store-format.md`; a change here is a change of the format (bump
 `SCHEMA_VERSION` and add a golden fixture).
 """
@@ -16,16 +18,16 @@ import re
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 
-from skipcache.store_read import STORAGE_DTYPES, fill_value_for
+from skipcache.errors import ConfigError, StoreError
+from skipcache.runtime import library_versions
 
 SCHEMA_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
@@ -38,6 +40,38 @@ _RESERVED_ATTRS = {
 _TEXT_CHUNK_BYTES = 4 * 2**20
 _CHECKSUM = [Crc32cCodec()]  # every chunk carries a crc32c, so corrupted bytes fail to decode
 WRITE_CONFIG = {"write_empty_chunks": True}  # measured 4x faster writes for dense data
+
+
+class StorageDtype(NamedTuple):
+    """How one storage dtype is kept: `tensor`, the torch dtype of the values; `disk`, the numpy
+    dtype of the Zarr array (bfloat16 values are kept as their raw uint16 bits)."""
+
+    tensor: torch.dtype
+    disk: np.dtype
+
+
+# storage dtype name (`--dtype`, the `storage_dtype` attribute) -> StorageDtype
+STORAGE_DTYPES: dict[str, StorageDtype] = {
+    "float16": StorageDtype(torch.float16, np.dtype("float16")),
+    "bfloat16": StorageDtype(torch.bfloat16, np.dtype("uint16")),
+    "float32": StorageDtype(torch.float32, np.dtype("float32")),
+}
+# Unwritten float chunks read back as NaN, so `verify` flags them as non-finite.
+BF16_NAN_BITS = 0x7FC0
+
+
+def check_storage_dtype(storage_dtype: str) -> None:
+    """Raise `ConfigError` unless `storage_dtype` is one of `STORAGE_DTYPES`."""
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ConfigError(
+            f"storage dtype {storage_dtype!r} is not supported; expected one of "
+            f"{sorted(STORAGE_DTYPES)}"
+        )
+
+
+def fill_value_for(storage_dtype: str) -> float | int:
+    """The fill value of vision/text arrays: NaN, or the bits of a bfloat16 NaN."""
+    return BF16_NAN_BITS if storage_dtype == "bfloat16" else float("nan")
 
 
 def canonical_key(key: dict) -> str:
@@ -117,15 +151,18 @@ def final_and_partial(path: Path) -> tuple[Path, Path]:
     return path, path.with_name(path.name + PARTIAL_SUFFIX)
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape the cached values, recorded in every store."""
-    versions = {"torch": torch.__version__, "zarr": zarr.__version__}
-    for name, dist in (("skipcache", "skipcache"), ("open_clip", "open_clip_torch")):
-        try:
-            versions[name] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+def read_root_attrs(path: Path) -> dict:
+    """The root attributes of the store (or any Zarr v3 group) at `path`, read through Zarr
+    without checking or opening its arrays: what listing stores needs (`schema_version`, `key`,
+    `key_hash`, `complete`, `created_utc`).
+
+    Raises:
+        StoreError: nothing at `path` is a readable Zarr v3 group.
+    """
+    try:
+        return dict(zarr.open_group(str(path), mode="r", zarr_format=3).attrs)
+    except Exception as exc:  # zarr raises several types for "not a group"
+        raise StoreError(f"{path} is not a readable Zarr v3 group: {exc}") from exc
 
 
 @dataclass
@@ -182,7 +219,7 @@ def rank_dtype(m_split: int) -> str:
 
 def expected_arrays(attrs: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shape and dtype (a numpy name, or `str`) of every array, as the root attributes imply."""
-    tok = STORAGE_DTYPES[attrs["storage_dtype"]][1].name
+    tok = STORAGE_DTYPES[attrs["storage_dtype"]].disk.name
     text = attrs["text"]
     m = text["n_classes"]
     out = {
@@ -227,7 +264,7 @@ def create_skeleton(partial: Path, key: dict, layout: Layout, extra_attrs: dict)
         shutil.rmtree(scratch)  # left by a process killed while creating
     scratch.parent.mkdir(parents=True, exist_ok=True)
     group = zarr.open_group(str(scratch), mode="w", zarr_format=3)
-    storage_np = STORAGE_DTYPES[layout.storage_dtype][1]
+    storage_np = STORAGE_DTYPES[layout.storage_dtype].disk
     fill = fill_value_for(layout.storage_dtype)
     rps = layout.rows_per_shard
     nan = float("nan")

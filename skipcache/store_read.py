@@ -1,8 +1,10 @@
 """Reading a feature store: dtype decoding, whole-split reads and the shuffled shard stream.
 
-`skipcache.store` owns the format and the writer; this module owns everything that turns stored
-chunks back into tensors: the storage-dtype codec (bfloat16 is kept as its raw uint16 bits), the
-whole-split read used by evaluation, and `iter_batches`, the stream the tune stage trains from.
+`skipcache.store_layout` owns the format (the storage dtypes included) and `skipcache.store` the
+writer; this module owns everything that turns stored chunks back into tensors: the
+storage-dtype codec (bfloat16 is kept as its raw uint16 bits), the whole-split read used by
+evaluation, and `iter_batches`, the stream the tune stage trains from. It reads a store only
+through `FeatureStore`'s public interface (`array`, `split_arrays`, `splits`, `shard_rows`...).
 
 The stream reads whole shards (one Zarr slice per shard and array), shuffles the shard order and
 then the rows inside a buffer of several shards, and prefetches shards in a background thread so
@@ -22,39 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from skipcache.errors import ConfigError, CorruptStore, IncompleteStore, StoreError
-
-# storage dtype name -> (torch dtype of the values, numpy dtype on disk)
-STORAGE_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
-    "float32": (torch.float32, np.dtype("float32")),
-    "float16": (torch.float16, np.dtype("float16")),
-    "bfloat16": (torch.bfloat16, np.dtype("uint16")),
-}
-# Unwritten float chunks read back as NaN, so `verify` flags them as non-finite.
-BF16_NAN_BITS = 0x7FC0
-
-
-def check_storage_dtype(storage_dtype: str) -> None:
-    """Raise `ConfigError` unless `storage_dtype` is one of `STORAGE_DTYPES`."""
-    if storage_dtype not in STORAGE_DTYPES:
-        raise ConfigError(
-            f"storage dtype {storage_dtype!r} is not supported; expected one of "
-            f"{sorted(STORAGE_DTYPES)}"
-        )
-
-
-def fill_value_for(storage_dtype: str) -> float | int:
-    """The fill value of vision/text arrays: NaN, or the bits of a bfloat16 NaN."""
-    return BF16_NAN_BITS if storage_dtype == "bfloat16" else float("nan")
-
+from skipcache.errors import CorruptStore, IncompleteStore, StoreError
+from skipcache.store_layout import STORAGE_DTYPES
 
 def encode_tensor(values: Any, storage_dtype: str) -> np.ndarray:
     """Round `values` to the storage dtype and return the array that goes on disk.
 
     bfloat16 values are returned as their raw bits in a uint16 array, so decoding is bit-exact.
     """
-    torch_dtype, _ = STORAGE_DTYPES[storage_dtype]
-    t = torch.as_tensor(values).detach().to("cpu", torch_dtype).contiguous()
+    t = torch.as_tensor(values).detach().to("cpu", STORAGE_DTYPES[storage_dtype].tensor).contiguous()
     if storage_dtype == "bfloat16":
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
@@ -132,7 +110,7 @@ def read_array(store, name: str, selection: tuple = (slice(None),), *,
     `StoreError`. `missing_ok` reads absent chunks as fill values (for the `done` flags of an
     unfinished store, where absent means not done).
     """
-    array = store._array(name)
+    array = store.array(name)
     if not missing_ok:
         missing = missing_blocks(store.path, array, selection)
         if missing:
@@ -184,7 +162,7 @@ def read_rows(store, split: str, rows: range, *, views: int | None, dtype,
         dtype: dtype of the vision tensor; None keeps the storage dtype.
         include_vision: False leaves `vision` out (and does not read it).
     """
-    store._split_arrays(split)  # unknown split: KeyError naming the splits
+    store.split_arrays(split)  # unknown split: KeyError naming the splits
     sel = slice(rows.start, rows.stop)
     view_sel = slice(None) if views is None else views
     vision = read_array(store, f"{split}/vision", (view_sel, sel)) if include_vision else None

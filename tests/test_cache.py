@@ -6,7 +6,8 @@ import torch
 from skipcache.data import build_task, get_dataset, load_image
 from skipcache.loading import load_model, tokenizer_for
 from skipcache.model import split_model
-from skipcache.stages.cache import CacheConfig, eval_transform, run_cache
+from skipcache.preprocess import eval_transform
+from skipcache.stages.cache import CacheConfig, run_cache
 from skipcache.stages.tune import TuneConfig, run_tune
 from skipcache.store import FeatureStore
 
@@ -34,16 +35,44 @@ def test_stored_tokens_and_logits_match_an_independent_forward(tmp_path):
     assert store.read_source_ids("test_new")[:5] == [e.source_id for e in split.examples[:5]]
 
 
-def test_views_are_distinct_augmentations_and_tune_reads_them(tmp_path):
-    cached = run_cache(CacheConfig(**BASE, views=2, root=tmp_path))
-    store = FeatureStore.open(cached.path)
+@pytest.fixture(scope="module")
+def two_view_store(tmp_path_factory):
+    return run_cache(CacheConfig(**BASE, views=2, root=tmp_path_factory.mktemp("two_views"))).path
+
+
+def test_views_are_distinct_augmentations(two_view_store):
+    store = FeatureStore.open(two_view_store)
     train = store.read_split("train")
     assert train["vision"].shape[0] == 2 and store.read_split("test_base")["vision"].shape[0] == 1
     assert not torch.equal(train["vision"][0], train["vision"][1])
     assert store.key["augment"] is not None and store.key["views"] == 2
-    result = run_tune(TuneConfig(store=cached.path, out=tmp_path / "run", epochs=2, batch_size=4, warmup_epochs=0,
-                                 device="cpu", progress=False))
-    assert result.epochs == 2
+
+
+@pytest.mark.parametrize("batching", ["shuffle", "class"])
+def test_epoch_e_trains_on_view_e_mod_v(tmp_path, monkeypatch, two_view_store, batching):
+    """Every batch a training step sees in epoch e holds view e mod V of its rows (V = 2, 3 epochs)."""
+    from skipcache.step import TuneStep
+
+    seen = []  # (row indices, image tokens) of every step, in order
+    step = TuneStep.__call__
+
+    def recording(self, batch):
+        seen.append((batch["index"].cpu().clone(), batch["vision"].float().cpu().clone()))
+        return step(self, batch)
+
+    monkeypatch.setattr(TuneStep, "__call__", recording)
+    run_tune(TuneConfig(store=two_view_store, out=tmp_path / "run", epochs=3, batch_size=4, batching=batching,
+                        device="cpu", progress=False))
+    views = FeatureStore.open(two_view_store).read_split("train")["vision"]  # (V, n, Lv, Dv)
+    n, per_epoch = views.shape[1], 2  # 2 classes x 4 shots: 2 steps of 4 per epoch
+    assert len(seen) == 3 * per_epoch
+    for i, (rows, tokens) in enumerate(seen):
+        epoch = i // per_epoch
+        assert torch.equal(tokens, views[epoch % 2, rows]), f"step {i} (epoch {epoch}) did not read view {epoch % 2}"
+        assert not torch.equal(tokens, views[1 - epoch % 2, rows])
+    for epoch in range(3):  # every row once per epoch
+        rows = torch.cat([r for r, _ in seen[epoch * per_epoch:(epoch + 1) * per_epoch]])
+        assert sorted(rows.tolist()) == list(range(n))
 
 
 def test_workers_give_the_same_store_as_the_main_process(tmp_path):

@@ -65,7 +65,7 @@ def tiny_run(tmp_path_factory):
         dataset="synthetic", dataset_options={"num_classes": 6}, model="tiny", pretrained="none", omega=3,
         shots=2, root=base / "store", device="cpu", progress=False))
     tuned = skipcache.tune(skipcache.TuneConfig(
-        store=cached.path, out=base / "run", epochs=1, warmup_epochs=0, device="cpu", progress=False))
+        store=cached.path, out=base / "run", epochs=1, lr=0.05, device="cpu", progress=False))  # tuned far from pretrained
     return {"store": cached.path, "run": tuned.run_dir, "base": base}
 
 
@@ -126,8 +126,14 @@ def test_end_to_end_tiny_synthetic(tmp_path, monkeypatch):
     # A large lr without warm-up, so the tuned weights differ clearly from the pretrained ones.
     tuned = ok_json(invoke("tune", path, "--epochs", "2", "--lr", "0.05", "--warmup-epochs", "0", "--out", run_dir,
                            "--device", "cpu", "--json"))
-    assert tuned["epochs"] == 2 and Path(tuned["run_dir"]) == run_dir and Path(tuned["store"]) == path
+    assert Path(tuned["run_dir"]) == run_dir and Path(tuned["store"]) == path
     assert (run_dir / "deep.safetensors").is_file()
+    # Two epochs of 5 steps (20 rows, batch 4) on the cosine from 0.05 without warm-up: the rate
+    # at each epoch's last step is 0.025 * (1 + cos(pi * s / 10)) for s = 4 and 9.
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert [m["lr_text"] for m in metrics] == pytest.approx([0.0327254249, 0.0012235871])
+    assert json.loads((run_dir / "run.json").read_text())["steps"] == 10
 
     ev = ok_json(invoke("eval", run_dir, "--device", "cpu", "--json"))
     for k in ("base", "new", "H"):
@@ -358,6 +364,67 @@ def test_tune_into_a_finished_run_without_resume(tiny_run):
     run = tiny_run["run"]
     assert_error(invoke("tune", tiny_run["store"], "--out", run, "--device", "cpu"), 1,
                  f"run directory {run} is not empty; pass --resume to continue it or --out for a new run")
+
+
+def test_tune_with_one_epoch_and_no_warmup_option_trains_at_the_full_rate(tmp_path, tiny_run):
+    out = tmp_path / "run"
+    ok_json(invoke("tune", tiny_run["store"], "--epochs", "1", "--lr", "0.01", "--out", out, "--device", "cpu", "--json"))
+    assert json.loads((out / "config.json").read_text())["warmup_epochs"] == 0
+    # 6 classes, 3 base x 2 shots = 6 rows, batch 4: 2 steps; the last on the cosine at 0.5 * 0.01 * (1 + cos(pi / 2))
+    rates = [json.loads(line)["lr_text"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rates == pytest.approx([0.005])
+
+
+def test_tune_refuses_a_warmup_as_long_as_the_run(tmp_path, tiny_run):
+    out = tmp_path / "run"
+    assert_error(invoke("tune", tiny_run["store"], "--epochs", "1", "--warmup-epochs", "1", "--out", out, "--device", "cpu"), 2,
+                 "warmup_epochs 1 with epochs 1: the warm-up would take the whole run (every step at warmup_lr 1e-06); "
+                 "pass --warmup-epochs 0 or more --epochs")
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def other_stores(tiny_run):
+    """Stores of another task (synthetic-sketch, every class) from the tiny run's model and weights:
+    one at the run's omega (3), one at omega 2."""
+    import skipcache
+
+    settings = dict(dataset="synthetic-sketch", dataset_options={"num_classes": 4, "test_per_class": 5}, model="tiny",
+                    pretrained="none", classes="all", shots=1, root=tiny_run["base"] / "other", device="cpu", progress=False)
+    return {omega: skipcache.cache(skipcache.CacheConfig(omega=omega, **settings)).path for omega in (3, 2)}
+
+
+def test_eval_on_another_compatible_store(tiny_run, other_stores):
+    from safetensors.torch import load_file
+
+    from skipcache.loading import load_deep_model
+
+    run, path = tiny_run["run"], other_stores[3]
+    ev = ok_json(invoke("eval", run, "--store", path, "--device", "cpu", "--json"))
+    store = FeatureStore.open(path)
+    assert ev["n"] == {"all": 20} and set(ev["per_class"]["all"]) == set(store.read_text()["classnames"])
+    # The run's weights on the other store's cached test tokens, computed here.
+    deep = load_deep_model(store, torch.device("cpu"))
+    deep.load_deep_state_dict(load_file(run / "deep.safetensors"))
+    data = store.read_split("test")
+    with torch.no_grad():
+        text = store.read_text()
+        pred = (deep.encode_image(data["vision"][0]) @ deep.encode_text(text["tokens"], text["eot"]).T).argmax(1)
+    assert ev["all"] == pytest.approx(100.0 * (pred == data["labels"]).float().mean().item(), abs=1e-3)
+    zeroshot = 100.0 * (data["zeroshot_logits"].argmax(1) == data["labels"]).float().mean().item()
+    assert ev["zeroshot"]["all"] == pytest.approx(zeroshot, abs=1e-3)
+    assert ev["all"] != ev["zeroshot"]["all"]  # the tuned weights were used, not the pretrained ones
+    saved = json.loads((run / f"eval-synthetic-sketch-{store.key_hash}.json").read_text())
+    assert saved == ev
+
+
+def test_eval_refuses_a_store_of_another_omega(tiny_run, other_stores):
+    run, path = tiny_run["run"], other_stores[2]
+    store = FeatureStore.open(path)
+    assert_error(invoke("eval", run, "--store", path, "--device", "cpu"), 1,
+                 f"store {store.path} was cached with omega=2, the run trained on omega=3; "
+                 "cache the target with the run's model, weights and --omega")
+    assert not (run / f"eval-synthetic-sketch-{store.key_hash}.json").exists()
 
 
 def test_eval_of_a_directory_that_is_not_a_run(tmp_path):

@@ -1,6 +1,16 @@
-"""CSkip against closed forms, an empirical keep frequency, and an image-by-image reference."""
+"""CSkip against hand-computed numbers, an empirical keep frequency, and an image-by-image reference.
 
-import math
+The expected probabilities are literals worked out by hand from the definitions in DESIGN.md
+("CSkip details") and skipcache/cskip.py's docstring, never re-derived with the code's formula:
+
+  Eq. 7, M = 10, r = 0.5, lambda = 0.3: top = 5; ranks 0..5 certain (rank 5 is exp(0)), then
+      exp(-0.3) = 0.7408182207, exp(-0.6) = 0.5488116361, exp(-0.9) = 0.4065696597,
+      exp(-1.2) = 0.3011942119 for ranks 6..9.
+  paper-code, M = 10, r = 0.5, lambda = 0.3: k = min(ceil(5), 50) = 5 certain; the n = 5 tail
+      ranks take x = 0, 1.25, 2.5, 3.75, 5 -> w = exp(-x / 0.3) = 1, 0.0155038536, 2.40369e-4,
+      3.72665e-6, 5.77775e-8, min-max normalized: 1, 0.0155037967, 2.403117e-4, 3.668876e-6, 0.
+"""
+
 
 import pytest
 import torch
@@ -19,42 +29,61 @@ def random_ranks(B, M, seed=0):
     return torch.stack([torch.randperm(M, generator=g) for _ in range(B)])  # (B, M)
 
 
+# Keep probability by rank 0..9, worked out by hand (module docstring).
+EQ7_M10 = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.7408182207, 0.5488116361, 0.4065696597, 0.3011942119]
+PAPER_CODE_M10 = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0155037967, 2.403117e-4, 3.668876e-6, 0.0]
+# paper-code with lambda = 1: w = exp(-x) at x = 0, 1.25, 2.5, 3.75, 5 = 1, 0.2865048, 0.0820850,
+# 0.0235177, 0.0067379; min-max normalized:
+PAPER_CODE_M10_LAM1 = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2816646916, 0.0758581800, 0.0168936272, 0.0]
+
+
+def assert_probabilities(p, expected):
+    torch.testing.assert_close(p, torch.tensor(expected, dtype=p.dtype), rtol=1e-5, atol=1e-8)
+
+
 def test_eq7_hand_computed():
     # M=10, r=0.5 -> top=5: ranks 0..4 certain; rank 5 is exp(0)=1 too (DESIGN.md taken literally)
     p = keep_probabilities(torch.arange(10)[None], CSkipConfig(r=0.5, lam=0.3))[0]
-    expected = [1.0] * 6 + [math.exp(-0.3 * k) for k in (1, 2, 3, 4)]
-    torch.testing.assert_close(p, torch.tensor(expected))
+    assert_probabilities(p, EQ7_M10)
 
 
 def test_eq7_non_integer_top_and_cap():
-    # M=5, r=0.5 -> top=2.5: ranks 0,1,2 certain, rank 3 -> exp(-0.3*0.5)
+    # M=5, r=0.5 -> top=2.5: ranks 0,1,2 certain; rank 3 -> exp(-0.3*0.5), rank 4 -> exp(-0.3*1.5)
     p = keep_probabilities(torch.arange(5)[None], CSkipConfig(r=0.5, lam=0.3))[0]
-    torch.testing.assert_close(p[3], torch.tensor(math.exp(-0.15)))
-    # cap: M=100, r=0.5 would give top=50; max_top=3 gives top=3
+    assert_probabilities(p, [1.0, 1.0, 1.0, 0.8607079764, 0.6376281516])
+    # cap: M=100, r=0.5 would give top=50; max_top=3 gives top=3: ranks 0..3 certain,
+    # rank 4 -> exp(-0.3*1), rank 10 -> exp(-0.3*7)
     p = keep_probabilities(torch.arange(100)[None], CSkipConfig(r=0.5, max_top=3))[0]
-    assert (p[:4] == 1).all() and p[4] < 1
-    torch.testing.assert_close(p[10], torch.tensor(math.exp(-0.3 * 7)))
+    assert (p[:4] == 1).all()
+    assert_probabilities(p[[4, 10]], [0.7408182207, 0.1224564283])
 
 
 def test_keep_probabilities_follow_rank_not_class():
-    rank = random_ranks(3, 12)
-    cfg = CSkipConfig(r=0.25, lam=0.5)
-    p = keep_probabilities(rank, cfg)
-    top = 0.25 * 12
-    ref = torch.where(rank < top, 1.0, torch.exp(-0.5 * (rank.float() - top)))
-    torch.testing.assert_close(p, ref)
+    # M=4, r=0.25, lam=0.5: top=1; by rank 0..3: 1, exp(0)=1, exp(-0.5), exp(-1)
+    rank = torch.tensor([[2, 0, 3, 1],
+                         [1, 3, 0, 2]])
+    p = keep_probabilities(rank, CSkipConfig(r=0.25, lam=0.5))
+    assert_probabilities(p, [[0.6065306597, 1.0, 0.3678794412, 1.0],
+                             [1.0, 0.3678794412, 1.0, 0.6065306597]])
 
 
-def test_empirical_frequency_matches_p():
-    M, draws = 20, 20000
-    cfg = CSkipConfig(r=0.2, lam=0.3)
-    rank = torch.arange(M).expand(draws, M)
-    labels = torch.zeros(draws, dtype=torch.long)  # rank 0 is certain anyway
-    keep = sample_keep_mask(rank, labels, cfg, torch.Generator().manual_seed(0))
-    freq = keep.float().mean(0)
-    p = keep_probabilities(rank[:1], cfg)[0]
-    bound = 5 * torch.sqrt(p * (1 - p) / draws) + 1e-6
-    assert ((freq - p).abs() <= bound).all()
+def _frequency_by_rank(keep, rank):
+    """How often the class at each rank position was kept: (M,), from masks (N, M) over classes."""
+    return keep.gather(1, rank.argsort(1)).float().mean(0)  # column k: the class whose rank is k
+
+
+@pytest.mark.parametrize("variant, lam, expected", [("eq7", 0.3, EQ7_M10), ("paper-code", 1.0, PAPER_CODE_M10_LAM1)])
+def test_empirical_frequency_matches_hand_computed_p(variant, lam, expected):
+    M, draws = 10, 20000
+    rank = random_ranks(draws, M, seed=4)  # classes in a different order for every image
+    labels = rank.argmin(1)  # the top-ranked class: certain anyway, so forcing it changes nothing
+    cfg = CSkipConfig(r=0.5, lam=lam, variant=variant)
+    g = torch.Generator().manual_seed(0)
+    keep = fixed_masks(rank, labels, cfg, g) if variant == "paper-code" else sample_keep_mask(rank, labels, cfg, g)
+    freq = _frequency_by_rank(keep, rank)
+    p = torch.tensor(expected)
+    bound = 5 * torch.sqrt(p * (1 - p) / draws) + 1e-6  # 5 standard errors of a Bernoulli mean
+    assert ((freq - p).abs() <= bound).all(), (freq, p)
 
 
 def test_masks_are_resampled_each_call():
@@ -87,9 +116,9 @@ def test_disabled_keeps_all():
 
 
 def test_expected_kept():
-    cfg = CSkipConfig(r=0.5, lam=0.3)
-    ref = 6 + sum(math.exp(-0.3 * k) for k in (1, 2, 3, 4))
-    assert expected_kept(10, cfg) == pytest.approx(ref, rel=1e-6)
+    # the sums of EQ7_M10 and PAPER_CODE_M10
+    assert expected_kept(10, CSkipConfig(r=0.5, lam=0.3)) == pytest.approx(7.9973937284, rel=1e-6)
+    assert expected_kept(10, CSkipConfig(r=0.5, lam=0.3, variant="paper-code")) == pytest.approx(6.0157477773, rel=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -154,15 +183,26 @@ def test_dynamic_rank_matches_counting_reference():
     assert (rank[:, 3] < rank[:, 7]).all()
 
 
-@pytest.mark.parametrize("M, r, k", [(10, 0.5, 5), (11, 0.5, 6), (1000, 0.5, 50), (37, 0.3, 12)])
-def test_paper_code_certain_count_and_tail(M, r, k):
-    cfg = CSkipConfig(r=r, lam=0.3, variant="paper-code")
-    assert k == min(math.ceil(r * M), 50)
-    p = keep_probabilities(torch.arange(M)[None], cfg)[0]
-    assert (p[:k] == 1).all()
-    w = torch.exp(-torch.linspace(0, 5, M - k) / 0.3)
-    torch.testing.assert_close(p[k:], (w - w.min()) / (w.max() - w.min()))
-    assert p[k] == 1 and p[-1] == 0
+def test_paper_code_hand_computed():
+    p = keep_probabilities(torch.arange(10)[None], CSkipConfig(r=0.5, lam=0.3, variant="paper-code"))[0]
+    assert_probabilities(p, PAPER_CODE_M10)
+
+
+# (M, r, k = min(ceil(r*M), 50) by hand, {tail position i: p}); the tail has n = M - k ranks at
+# x_i = 5 i / (n - 1), p_i = (exp(-x_i/0.3) - exp(-5/0.3)) / (1 - exp(-5/0.3)), worked out by hand.
+PAPER_CODE_CASES = [
+    (11, 0.5, 6, {0: 1.0, 1: 0.0155037967, 2: 2.403117e-4, 4: 0.0}),  # ceil(5.5) = 6; same 5-rank tail
+    (37, 0.3, 12, {0: 1.0, 1: 0.4993517597, 2: 0.2493521654, 3: 0.1245144209, 24: 0.0}),  # ceil(11.1); x step 5/24
+    (1000, 0.5, 50, {0: 1.0, 1: 0.9825909718, 57: 0.3674919592, 100: 0.1726938492, 949: 0.0}),  # capped at 50
+]
+
+
+@pytest.mark.parametrize("M, r, k, tail", PAPER_CODE_CASES, ids=[f"M{c[0]}" for c in PAPER_CODE_CASES])
+def test_paper_code_certain_count_and_tail(M, r, k, tail):
+    p = keep_probabilities(torch.arange(M)[None], CSkipConfig(r=r, lam=0.3, variant="paper-code"))[0]
+    assert (p[:k] == 1).all() and len(p) == M
+    positions = sorted(tail)
+    assert_probabilities(p[[k + i for i in positions]], [tail[i] for i in positions])
 
 
 def test_paper_code_single_tail_class_is_kept_not_nan():

@@ -75,6 +75,9 @@ BAD_FILES = {
     "unknown top-level table": (TINY_CACHE.replace("[cache]", "[cahce]") + ZS,
                                 "pipeline {path}: unknown top-level field(s) ['cahce']; "
                                 "allowed: ['cache', 'description', 'method', 'name', 'target']"),
+    # warmup_epochs is `int | None` (unset: 1, or 0 for a 1-epoch run); an integer is still required.
+    "warmup epochs of the wrong type": (TINY_CACHE + '[[method]]\nname = "FT"\nkind = "tune"\nwarmup_epochs = "one"\n',
+                                        'pipeline {path}: method.0.warmup_epochs must be an integer, got "one"'),
     "misspelt method table": (TINY_CACHE + ZS.replace("[[method]]", "[[methods]]"),
                               "pipeline {path}: unknown top-level field(s) ['methods']; "
                               "allowed: ['cache', 'description', 'method', 'name', 'target']"),
@@ -158,7 +161,7 @@ warmup_epochs = 0
     # The tuned row: the run's deep weights on the cached test tokens, computed here.
     from safetensors.torch import load_file
 
-    from skipcache.stages.tune import load_deep_model
+    from skipcache.loading import load_deep_model
 
     deep = load_deep_model(store, torch.device("cpu"))
     deep.load_deep_state_dict(load_file(Path(tuned["run_dir"]) / "deep.safetensors"))
@@ -172,3 +175,44 @@ warmup_epochs = 0
             assert tuned[alias] == pytest.approx(100.0 * (pred == data["labels"]).float().mean().item(), abs=1e-3)
     for row in (zs, tuned):
         assert row["H"] == pytest.approx(harmonic_mean(row["base"], row["new"]), abs=1e-3)
+
+
+@pytest.mark.slow
+def test_a_target_column_is_the_run_evaluated_on_the_target_store(tmp_path):
+    """Cross-dataset protocol: the source is tiny synthetic, the target synthetic-sketch with other
+    classes, cached by the pipeline with the source's model, weights and omega and every class."""
+    from skipcache.stages.evaluate import run_eval
+
+    path = write(tmp_path, 'name = "xd"\n' + TINY_CACHE + """
+[[target]]
+dataset = "synthetic-sketch"
+name = "sketch"
+dataset_options = { num_classes = 4, test_per_class = 5 }
+
+[[method]]
+name = "zero-shot"
+kind = "zeroshot"
+
+[[method]]
+name = "Skip Tuning"
+kind = "tune"
+epochs = 1
+batch_size = 4
+lr = 0.05
+""")
+    result = run_pipeline(path, out=tmp_path / "out", device="cpu", root=tmp_path / "store", progress=False,
+                          log=lambda line: None)
+    assert result["targets"] == ["sketch"]
+    stores = {FeatureStore.open(Path(p)).key["dataset"]: Path(p) for p in result["stores"]}
+    assert sorted(stores) == ["synthetic", "synthetic-sketch"]
+    target = FeatureStore.open(stores["synthetic-sketch"])
+    assert target.key["omega"] == 3 and list(target.splits["test"].classes) == [0, 1, 2, 3]
+
+    zs, tuned = result["rows"]
+    assert tuned["sketch"] != zs["sketch"]  # lr 0.05: the tuned column can tell tuned weights from pretrained
+    # The tuned row: the same number as evaluating the run on the target store.
+    assert tuned["sketch"] == run_eval(Path(tuned["run_dir"]), store=target.path, device="cpu").accuracy["all"]
+    # The zero-shot row: the pretrained logits the cache stage stored for the target, scored here.
+    data = target.read_split("test", include_vision=False)
+    expected = 100.0 * (data["zeroshot_logits"].argmax(1) == data["labels"]).float().mean().item()
+    assert zs["sketch"] == pytest.approx(expected)

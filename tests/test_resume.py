@@ -49,7 +49,7 @@ def _kill_when(proc: subprocess.Popen, ready, timeout_s: float = 120.0) -> None:
 
 def _array_bytes(store: FeatureStore, name: str):
     """(dtype, shape, content) of one array, exact: raw bytes for numbers, the strings for strings."""
-    a = store._group[name][...]
+    a = store.array(name)[...]
     content = a.tolist() if a.dtype.kind in "OTU" else a.tobytes()
     return str(a.dtype), a.shape, content
 
@@ -150,7 +150,7 @@ def test_killed_tune_resumes_to_the_same_weights(tmp_path, train_store):
     killed = tmp_path / "killed"
     args = ["tune", train_store, "--out", killed, "--device", "cpu", "--json",
             "--epochs", TUNE["epochs"], "--batch-size", TUNE["batch_size"], "--lr", TUNE["lr"],
-            "--warmup-epochs", TUNE["warmup_epochs"], "--seed", TUNE["seed"]]
+            "--warmup-epochs", TUNE["warmup_epochs"], "--seed", TUNE["seed"], "--checkpoint-every", 0]
     proc = _start(args, cwd=tmp_path)
     # checkpoint.json is the commit point of a checkpoint (written after its tensors file).
     _kill_when(proc, lambda: (killed / "checkpoint.json").exists())
@@ -158,9 +158,12 @@ def test_killed_tune_resumes_to_the_same_weights(tmp_path, train_store):
     stopped_at = read_checkpoint(killed).epoch
     assert 1 <= stopped_at < TUNE["epochs"]
 
-    resumed = skipcache.tune(skipcache.TuneConfig(store=train_store, out=killed, resume=True, device="cpu",
+    skipcache.tune(skipcache.TuneConfig(store=train_store, out=killed, resume=True, device="cpu",
                                                   progress=False, **TUNE))
-    assert resumed.epochs == TUNE["epochs"]
+    info = json.loads((killed / "run.json").read_text())
+    steps_per_epoch = info["steps"] // (TUNE["epochs"] - stopped_at)
+    assert info["steps"] == (TUNE["epochs"] - stopped_at) * steps_per_epoch  # only the remaining epochs ran
+    assert read_checkpoint(killed).epoch == TUNE["epochs"]
     ours, theirs = load_file(killed / "deep.safetensors"), load_file(clean.run_dir / "deep.safetensors")
     assert sorted(ours) == sorted(theirs)
     changed = [k for k in ours if not torch.equal(ours[k], theirs[k])]
@@ -169,7 +172,7 @@ def test_killed_tune_resumes_to_the_same_weights(tmp_path, train_store):
     assert _metrics(killed) == _metrics(clean.run_dir)
     assert [m["epoch"] for m in _metrics(killed)] == [1, 2, 3]
     # ... and the trained weights are not just the pretrained ones.
-    from skipcache.stages.tune import load_deep_model
+    from skipcache.loading import load_deep_model
 
     start = load_deep_model(FeatureStore.open(train_store), torch.device("cpu")).deep_state_dict()
     assert any(not torch.equal(start[k], ours[k]) for k in ours)
@@ -179,8 +182,11 @@ def test_resume_of_a_finished_run_keeps_its_weights(tmp_path, train_store):
     run = skipcache.tune(skipcache.TuneConfig(store=train_store, out=tmp_path / "run", device="cpu", progress=False,
                                               **{**TUNE, "epochs": 1, "warmup_epochs": 0}))
     before = load_file(run.run_dir / "deep.safetensors")
+    files = {p.name: p.read_bytes() for p in run.run_dir.iterdir() if p.is_file() and p.name != "tune.lock"}
     again = skipcache.tune(skipcache.TuneConfig(store=train_store, out=run.run_dir, resume=True, device="cpu",
                                                 progress=False, **{**TUNE, "epochs": 1, "warmup_epochs": 0}))
     after = load_file(again.run_dir / "deep.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {p.name: p.read_bytes() for p in run.run_dir.iterdir() if p.is_file() and p.name != "tune.lock"} == files
+    assert again.seconds == run.seconds and again.final == run.final  # the original record, not a re-run
     assert [m["epoch"] for m in _metrics(run.run_dir)] == [1]

@@ -201,15 +201,15 @@ def file_store(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_store_pretrained_source_is_not_opened_unless_it_is_the_cached_file(tmp_path, file_store, monkeypatch):
-    import skipcache.stages.tune as tune
+    import skipcache.loading as loading
 
     store, weights = file_store
     planted = tmp_path / "planted.bin"
     planted.write_bytes(b"not the weights the store was cached with")
     evil = _retag_store(store, tmp_path / "evil.zarr", attrs={"pretrained_source": str(planted)})
     opened = []
-    real = tune.load_model
-    monkeypatch.setattr(tune, "load_model", lambda name, source, **kw: (opened.append(source), real(name, source, **kw))[1])
+    real = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda name, source, **kw: (opened.append(source), real(name, source, **kw))[1])
     with pytest.raises(StoreError) as info:
         _tune(evil, tmp_path / "run")
     assert opened == [], "a file named by store metadata was opened before its hash was checked"
@@ -236,8 +236,7 @@ def test_store_pretrained_source_is_not_opened_unless_it_is_the_cached_file(tmp_
     ("../../etc/passwd", "tiny", "FILE", False),
 ])
 def test_weights_source_rules(tmp_path, monkeypatch, source, model, weights_hash, ok_):
-    from skipcache.loading import WEIGHTS_DIR, _file_sha256
-    from skipcache.rundir import trusted_weights_source
+    from skipcache.loading import WEIGHTS_DIR, _file_sha256, trusted_weights_source
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "matching.safetensors").write_bytes(b"weights")
@@ -277,11 +276,14 @@ def test_resume_refuses_changed_training_settings(tmp_path, store):
     assert_error(invoke("tune", store, "--out", run, "--resume", *TUNE, "--no-cskip", "--batch-size", "8"), 2,
                  contains="batch_size 4 -> 8, cskip True -> False;")
     assert (run / "config.json").read_text() == config
-    # What does not change the trained weights may differ: the store's path, the progress bar, workers.
+    # What does not change the trained weights may differ: the store's path, the progress bar. An
+    # old run's config.json may hold settings TuneConfig no longer has (`workers`): not a change.
     moved = tmp_path / "moved.zarr"
     shutil.copytree(store, moved)
+    old = json.loads(config)
+    (run / "config.json").write_text(json.dumps({**old, "workers": 3}, indent=2, sort_keys=True) + "\n")
     again = skipcache.tune(skipcache.TuneConfig(store=moved, out=run, resume=True, epochs=1, warmup_epochs=0,
-                                                device="cpu", progress=True, workers=3))
+                                                device="cpu", progress=True))
     assert again.epochs == 1
     assert json.loads((run / "config.json").read_text())["store"] == os.path.abspath(moved)
 
@@ -462,3 +464,25 @@ def test_run_v1_fixture_still_opens(tmp_path):
     shutil.copytree(FIXTURES / "run_v1", tmp_path / "run_v1")
     ev = json.loads(ok(invoke("eval", tmp_path / "run_v1" / "run", "--device", "cpu", "--json")))
     assert set(ev) >= {"base", "new", "H"}
+
+
+def test_checkpoints_are_written_by_time_and_after_the_last_epoch(tmp_path, store, monkeypatch):
+    """A checkpoint per `checkpoint_every_s`, and always the last epoch's; metrics.jsonl every epoch."""
+    import skipcache
+    from skipcache.rundir import TuneRun
+
+    saved = []
+    real = TuneRun.save_checkpoint
+
+    def spy(self, epoch, *args, **kwargs):
+        saved.append(epoch)
+        return real(self, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(TuneRun, "save_checkpoint", spy)
+    common = dict(store=store, epochs=3, warmup_epochs=0, batch_size=4, device="cpu", progress=False)
+    skipcache.tune(skipcache.TuneConfig(out=tmp_path / "hourly", checkpoint_every_s=3600, **common))
+    assert saved == [3]
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "hourly" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    saved.clear()
+    skipcache.tune(skipcache.TuneConfig(out=tmp_path / "every", checkpoint_every_s=0, **common))
+    assert saved == [1, 2, 3]

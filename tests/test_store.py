@@ -461,8 +461,8 @@ def test_summary_reports_sizes_and_zero_shot_accuracy(tmp_path):
     data["test"]["zeroshot_rank"] = order.argsort(dim=1)
     store, _ = build_store(tmp_path, splits=splits, data=data)
     summary = store.summary()
-    assert summary["splits"]["test"]["zeroshot_acc"] == pytest.approx(4 / 7)
-    assert summary["zeroshot_acc"]["test"] == pytest.approx(4 / 7)
+    assert summary["splits"]["test"]["zeroshot_acc_pct"] == pytest.approx(100 * 4 / 7)  # percent, as eval reports
+    assert summary["zeroshot_acc_pct"]["test"] == pytest.approx(100 * 4 / 7)
     assert summary["splits"]["train"]["views"] == 2 and summary["complete"] is True
     assert summary["size_mib"] == pytest.approx(store.disk_size_mib())
     assert summary["splits"]["train"]["arrays_mib"]["vision"] > 0

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision import transforms as T
 
 from skipcache.data import Task, build_task, get_dataset, load_image
 from skipcache.data.registry import get_registry
@@ -24,14 +23,13 @@ from skipcache.errors import ConfigError
 from skipcache.loading import LoadedModel, load_model, tokenizer_for
 from skipcache.model import DEFAULT_OMEGA, DeepCLIP, ShallowCLIP, split_model
 from skipcache.placement import Placement
+from skipcache.preprocess import AUGMENT, augment_transform, eval_transform
 from skipcache.progress import make_progress
 from skipcache.runtime import default_store_root, library_versions
-from skipcache.store import FeatureStore, SplitSpec, store_path
+from skipcache.store import STORAGE_DTYPES, FeatureStore, SplitSpec, store_path
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-AUGMENT = {"random_resized_crop_scale": [0.5, 1.0], "hflip": 0.5}
 
 
 @dataclass
@@ -84,8 +82,8 @@ class CacheConfig:
             self.shots = None
 
     def validate(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
         if self.classes not in ("base", "all"):
             raise ConfigError(f"classes must be 'base' or 'all', got {self.classes!r}")
         if self.views < 1:
@@ -123,26 +121,6 @@ class CacheResult:
     seconds: float
     images_per_s: float
     zeroshot_acc: dict[str, float]
-
-
-def eval_transform(lm: LoadedModel) -> T.Compose:
-    """open_clip's inference preprocessing: bicubic resize of the short side, centre crop, normalize."""
-    return T.Compose([
-        T.Resize(lm.image_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(lm.image_size),
-        T.ToTensor(),
-        T.Normalize(lm.mean, lm.std),
-    ])
-
-
-def augment_transform(lm: LoadedModel) -> T.Compose:
-    """The training augmentation of stored views: random resized crop and horizontal flip."""
-    return T.Compose([
-        T.RandomResizedCrop(lm.image_size, scale=tuple(AUGMENT["random_resized_crop_scale"]), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(AUGMENT["hflip"]),
-        T.ToTensor(),
-        T.Normalize(lm.mean, lm.std),
-    ])
 
 
 def build_key(cfg: CacheConfig, lm: LoadedModel, task: Task, template: str) -> dict:
@@ -280,7 +258,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
                     b, v = batch.shape[:2]
                     tokens, batch_logits = frozen.images(batch, class_protos)  # (V, B, Lv, Dv), (B, M_split)
                     logits.append(batch_logits.float().cpu())
-                    vision.append(tokens.to(DTYPES[cfg.dtype]).cpu())
+                    vision.append(tokens.to(STORAGE_DTYPES[cfg.dtype][0]).cpu())
                     computed += b * v
                     progress.advance(bar, b * v)
                 logits_t = torch.cat(logits)  # (rows, M_split)
@@ -308,7 +286,7 @@ def _result(store: FeatureStore, key: dict, *, reused: bool, started: float, com
         path=store.path, key=key, reused=reused,
         rows={name: spec.n for name, spec in store.splits.items()},
         seconds=seconds, images_per_s=computed / seconds if computed else 0.0,
-        zeroshot_acc={k: 100.0 * v for k, v in summary.get("zeroshot_acc", {}).items()},
+        zeroshot_acc=dict(summary["zeroshot_acc_pct"]),
     )
 
 

@@ -14,7 +14,7 @@ import torch
 
 from skipcache.errors import RunError
 from skipcache.model import DeepCLIP
-from skipcache.rundir import check_compatible, eval_file_name, load_tuned, read_run  # noqa: F401 (re-exported)
+from skipcache.rundir import check_compatible, eval_file_name, load_tuned
 from skipcache.runtime import resolve_device, write_json_atomic
 from skipcache.store import FeatureStore
 
@@ -30,18 +30,34 @@ class EvalResult:
         zeroshot: the same for the pretrained model (from the logits stored by the cache stage).
         per_class: tuned per-class accuracy per split, keyed by class name.
         n: test images per split.
+        method: the method that trained the run (`method_name` of its config).
     """
 
     accuracy: dict[str, float]
     zeroshot: dict[str, float]
     per_class: dict[str, dict[str, float]]
     n: dict[str, int]
+    method: str
 
     def to_json(self) -> dict:
         """`base`, `new`, `H` (and `all`) at the top level, details beside them."""
         out = dict(self.accuracy)
-        out.update(zeroshot=self.zeroshot, per_class=self.per_class, n=self.n)
+        out.update(zeroshot=self.zeroshot, per_class=self.per_class, n=self.n, method=self.method)
         return out
+
+
+def method_name(omega: int, cskip: bool) -> str:
+    """The method a run with these settings trains: FT (omega 0, every class), LSkip (omega > 0,
+    every class), FT + CSkip (omega 0 with CSkip) or Skip Tuning (omega > 0 with CSkip)."""
+    if omega > 0:
+        return "Skip Tuning" if cskip else "LSkip"
+    return "FT + CSkip" if cskip else "FT"
+
+
+def run_method(config: dict, info: dict) -> str:
+    """`method_name` of a finished run, from its config.json (`cskip`) and the omega of the store
+    it trained on (run.json's `store_key`)."""
+    return method_name(int(info["store_key"]["omega"]), bool(config.get("cskip", True)))
 
 
 def harmonic_mean(a: float, b: float) -> float:
@@ -101,14 +117,14 @@ def evaluate_stores(run_dir: Path, stores: list[Path | None], *, device: str = "
     for target in targets:
         if target is not None:
             check_compatible(tuned.info, target)
-        result = _evaluate(tuned.deep, target or tuned.store, dev, batch_size)
+        result = _evaluate(tuned.deep, target or tuned.store, dev, batch_size, run_method(tuned.config, tuned.info))
         name = "eval.json" if target is None else eval_file_name(target)  # one sanitized component: stays in the run
         write_json_atomic(run_dir / name, result.to_json())
         results.append(result)
     return results
 
 
-def _evaluate(deep: DeepCLIP, store: FeatureStore, dev: torch.device, batch_size: int) -> EvalResult:
+def _evaluate(deep: DeepCLIP, store: FeatureStore, dev: torch.device, batch_size: int, method: str) -> EvalResult:
     text = store.read_text()
     classnames = text["classnames"]
     acc, zs, per_class, n = {}, {}, {}, {}
@@ -128,4 +144,4 @@ def _evaluate(deep: DeepCLIP, store: FeatureStore, dev: torch.device, batch_size
     for d in (acc, zs):
         if "base" in d and "new" in d:
             d["H"] = round(harmonic_mean(d["base"], d["new"]), 4)
-    return EvalResult(accuracy=acc, zeroshot=zs, per_class=per_class, n=n)
+    return EvalResult(accuracy=acc, zeroshot=zs, per_class=per_class, n=n, method=method)

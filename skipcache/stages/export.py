@@ -21,9 +21,9 @@ from skipcache.data.base import Example, load_image
 from skipcache.errors import DataError, RunError
 from skipcache.loading import config_of, tokenizer_for
 from skipcache.placement import Placement
+from skipcache.preprocess import eval_transform
 from skipcache.rundir import load_tuned, read_run
 from skipcache.runtime import write_text_atomic
-from skipcache.stages.cache import eval_transform
 
 EXPORT_SUFFIXES = (".safetensors", ".bin", ".pt")
 

@@ -16,15 +16,15 @@ import json
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from skipcache import cskip, rundir
 from skipcache.errors import ConfigError, IncompleteStore, StoreError
-from skipcache.loading import load_model
-from skipcache.model import DeepCLIP, split_model
+from skipcache.loading import load_deep_model
+from skipcache.model import DeepCLIP
 from skipcache.placement import Placement, prefetch_to_device
 from skipcache.progress import make_progress
 from skipcache.runtime import default_store_root, library_versions, seed_everything, utc_now
@@ -45,7 +45,9 @@ class TuneConfig:
         lr: learning rate of the text side (paper: 2e-5).
         lr_image: learning rate of the image side; None means lr / 4 (paper: 5e-6 for 2e-5).
         weight_decay, momentum: SGD settings (paper: 5e-4, 0.9).
-        warmup_epochs: epochs at constant `warmup_lr` before the cosine schedule (paper: 1).
+        warmup_epochs: epochs at constant `warmup_lr` before the cosine schedule (paper: 1);
+            None means 1 when epochs > 1, else 0 (`resolved_warmup_epochs`), so a 1-epoch run
+            is not spent entirely at the warm-up rate.
         r, lam, max_top, cskip_variant, cskip, cskip_subset: CSkip settings (see skipcache.cskip).
             `max_top` caps the always-kept set at 50 classes, as the authors' code does (it
             changes nothing while r·M <= 50); None is paper Eq. 7 as written, whose r·M
@@ -65,9 +67,13 @@ class TuneConfig:
         device: auto, cpu, cuda, cuda:N.
         precision: `auto` (bf16 autocast on CUDA, fp32 on the CPU), `fp32` or `bf16`; weights
             stay fp32 either way.
-        workers: unused by the store reader (it prefetches in a thread); kept for CLI symmetry.
         pretrained: weights to load when the store's own source is not available (a path).
         progress: draw a progress bar.
+        checkpoint_every_s: write a resumable checkpoint at the end of an epoch when this many
+            seconds have passed since the last one, and after the last epoch (0: every epoch).
+            A checkpoint of ViT-B-16's deep half is ~350 MB (weights and momentum); on a GPU an
+            epoch of the paper's recipe takes about a second, so every epoch would cost more
+            than training.
     """
 
     store: Path | None = None
@@ -82,7 +88,7 @@ class TuneConfig:
     lr_image: float | None = None
     weight_decay: float = 5e-4
     momentum: float = 0.9
-    warmup_epochs: int = 1
+    warmup_epochs: int | None = None
     warmup_lr: float = 1e-6
     r: float = 0.5
     lam: float = 0.3
@@ -96,13 +102,20 @@ class TuneConfig:
     resume: bool = False
     device: str = "auto"
     precision: str = "auto"
-    workers: int = 0
     pretrained: str | None = None
     progress: bool = True
+    checkpoint_every_s: float = 60.0
 
     def cskip_config(self) -> cskip.CSkipConfig:
         return cskip.CSkipConfig(r=self.r, lam=self.lam, max_top=self.max_top, variant=self.cskip_variant, enabled=self.cskip,
                                  subset=self.cskip_subset)
+
+    def resolved_warmup_epochs(self) -> int:
+        """Warm-up epochs of the run: as set, else 1 when epochs > 1 (the paper's recipe) and 0
+        for a 1-epoch run, which would otherwise train only at `warmup_lr`."""
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        return 1 if self.epochs > 1 else 0
 
     def validate(self) -> None:
         """Check every setting before anything is read or written; a ConfigError names the first bad one.
@@ -122,7 +135,7 @@ class TuneConfig:
 
         check("epochs", lambda v: v >= 1, ">= 1 (a whole number)", "e.g. 20", whole=True)
         check("batch_size", lambda v: v >= 1, ">= 1 (a whole number)", "e.g. 4", whole=True)
-        check("warmup_epochs", lambda v: v >= 0, ">= 0 (a whole number)", "e.g. 1", whole=True)
+        check("warmup_epochs", lambda v: v >= 0, ">= 0 (a whole number)", "e.g. 1", whole=True, optional=True)
         check("lr", lambda v: v > 0, "a finite number > 0", "e.g. 2e-5")
         check("lr_image", lambda v: v > 0, "a finite number > 0 or unset (lr / 4)", "e.g. 5e-6", optional=True)
         check("weight_decay", lambda v: v >= 0, "a finite number >= 0", "e.g. 5e-4")
@@ -132,7 +145,7 @@ class TuneConfig:
         check("lam", lambda v: v > 0, "> 0 and finite", "pass --lam such as 0.3")
         check("seed", lambda v: 0 <= v < 2**32, "a whole number in [0, 2**32)", "e.g. 1", whole=True)
         check("omega", lambda v: v >= 0, ">= 0 (a whole number) or unset", "e.g. 6", whole=True, optional=True)
-        check("workers", lambda v: v >= 0, ">= 0 (a whole number)", "e.g. 0", whole=True)
+        check("checkpoint_every_s", lambda v: v >= 0, "a finite number of seconds >= 0", "e.g. 60, or 0 for every epoch")
         if self.out is not None and Path(self.out).is_file():
             raise ConfigError(f"out {self.out} is a file; pass --out a new or empty folder for the run")
         self.cskip_config()
@@ -142,8 +155,12 @@ class TuneConfig:
             raise ConfigError(f"rank must be 'zeroshot' or 'dynamic', got {self.rank!r}")
         if self.rank == "dynamic" and self.cskip_variant == "paper-code" and self.cskip_subset == "image":
             raise ConfigError("per-image paper-code masks are drawn once from zero-shot ranks; use --rank zeroshot or --cskip-subset batch with it")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs and self.epochs > 1:
-            raise ConfigError(f"warmup epochs must be in [0, epochs), got {self.warmup_epochs} for {self.epochs} epochs")
+        warmup = self.resolved_warmup_epochs()
+        if warmup >= self.epochs and self.epochs > 1:
+            raise ConfigError(f"warmup epochs must be in [0, epochs), got {warmup} for {self.epochs} epochs")
+        if warmup >= self.epochs:
+            raise ConfigError(f"warmup_epochs {warmup} with epochs {self.epochs}: the warm-up would take the whole run "
+                              f"(every step at warmup_lr {self.warmup_lr}); pass --warmup-epochs 0 or more --epochs")
 
 
 @dataclass
@@ -186,23 +203,9 @@ def resolve_store(cfg: TuneConfig) -> FeatureStore:
     return FeatureStore.open(found[0])
 
 
-def load_deep_model(store: FeatureStore, device: torch.device | Placement, pretrained: str | None = None) -> DeepCLIP:
-    """The deep part of the store's model with its pretrained weights; the shallow part is freed."""
-    key = store.key
-    source = pretrained or rundir.store_weights_source(store)  # store metadata: used only if it reproduces weights_hash
-    lm = load_model(key["model"], source, seed=key.get("seed", 0))
-    if lm.weights_hash != key["weights_hash"]:
-        raise StoreError(
-            f"weights {source!r} (hash {lm.weights_hash}) are not the ones the store was cached with ({key['weights_hash']}); "
-            "pass the original weights with --pretrained, or re-cache")
-    _, deep = split_model(lm.model, key["omega"], keep_shallow=False)
-    place = device if isinstance(device, Placement) else Placement(torch.device(device))
-    return place.modules(deep)
-
-
 def _lr_at(step: int, cfg: TuneConfig, steps_per_epoch: int, base_lr: float) -> float:
     """Constant warm-up for `warmup_epochs`, then cosine from base_lr to 0 over the remaining steps."""
-    warm = cfg.warmup_epochs * steps_per_epoch
+    warm = cfg.resolved_warmup_epochs() * steps_per_epoch
     if step < warm:
         return cfg.warmup_lr
     total = max(1, cfg.epochs * steps_per_epoch - warm)
@@ -278,6 +281,7 @@ def setup_training(cfg: TuneConfig, store: FeatureStore, place: Placement) -> Tr
 def run_tune(cfg: TuneConfig) -> TuneResult:
     """Train the deep layers on a store; see the module docstring for what the run directory holds."""
     cfg.validate()
+    cfg = replace(cfg, warmup_epochs=cfg.resolved_warmup_epochs())  # config.json records what the run does
     started = time.perf_counter()
     place = Placement.resolve(cfg.device, cfg.precision)
     device = place.device
@@ -286,6 +290,9 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         raise StoreError(f"store {store.path} has no train split")
     out = Path(cfg.out) if cfg.out else _default_out(store)
     run = rundir.open_for_tune(cfg, store, out)  # refuses, restarts or resumes; locks; writes config.json
+    if run.finished:  # --resume of a finished run: nothing to train, its record stays as written
+        run.close()
+        return _finished_result(out, store)
     seed_everything(cfg.seed)
 
     phases = {"start_s": time.perf_counter() - started, "setup_s": 0.0, "train_s": 0.0, "checkpoint_s": 0.0, "save_s": 0.0}
@@ -301,6 +308,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         start_epoch, history = run.load_checkpoint(deep, optimizer, generator, store)
 
     timer = StepTimer(place)
+    last_checkpoint = time.perf_counter()
     views = split.views
     # the reader hands over the storage dtype (half the bytes to copy); the step computes in fp32/autocast
     read_dtype = None if place.is_cuda else torch.float32
@@ -342,7 +350,11 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
             history.append(row)
             phases["train_s"] += time.perf_counter() - mark
             mark = time.perf_counter()
-            run.save_checkpoint(epoch + 1, deep, optimizer, generator, history, store)  # and metrics.jsonl
+            if epoch + 1 == cfg.epochs or time.perf_counter() - last_checkpoint >= cfg.checkpoint_every_s:
+                run.save_checkpoint(epoch + 1, deep, optimizer, generator, history, store)  # and metrics.jsonl
+                last_checkpoint = time.perf_counter()
+            else:
+                run.write_metrics(history)
             phases["checkpoint_s"] += time.perf_counter() - mark
 
     mark = time.perf_counter()
@@ -364,6 +376,15 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         "steps": len(step_times), "phases_s": phases, "placement": place.describe(),
     })
     return result
+
+
+def _finished_result(out: Path, store: FeatureStore) -> TuneResult:
+    """The result of a run that had already finished, from its run.json and metrics.jsonl."""
+    _, info = rundir.read_run(out)
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return TuneResult(run_dir=out, store=store.path, epochs=len(history), seconds=info.get("seconds", 0.0),
+                      step_time_median_s=info.get("step_time_median_s", 0.0), peak_memory_mib=info.get("peak_memory_mib", 0.0),
+                      peak_memory_method=info.get("peak_memory_method", ""), final=history[-1] if history else {})
 
 
 def result_dict(result: TuneResult) -> dict:
