@@ -31,7 +31,16 @@ out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # scr
 err = Console(stderr=True, soft_wrap=True)
 
 
+# Library errors name config fields; these are the `tune` flags that set the nested ones.
+FLAGS_OF_FIELDS = {"cskip.r": "--r", "cskip.lam": "--lam", "cskip.max_top": "--max-top",
+                   "cskip.variant": "--cskip-variant", "cskip.subset": "--cskip-subset"}
+
+
 def _print_error(message: str) -> None:
+    for name, flag in FLAGS_OF_FIELDS.items():
+        if message.startswith(name + " "):
+            message = f"{flag} ({name}){message[len(name):]}"
+            break
     # The message is plain text: escape it, or rich eats `[...]` in it as markup.
     err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
 
@@ -206,7 +215,7 @@ def tune(
     warmup_lr: float = typer.Option(1e-6, "--warmup-lr", help="Learning rate of the warm-up epochs, >= 0."),
     weight_decay: float = typer.Option(5e-4, "--weight-decay", help="SGD weight decay, >= 0 (paper: 5e-4)."),
     momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum, in [0, 1) (paper: 0.9)."),
-    r: float = typer.Option(0.5, "--r", help="CSkip ratio of always-kept classes, in (0, 1]."),
+    r: float = typer.Option(0.5, "--r", help="CSkip ratio of always-kept classes, in (0, 1]; with --cskip-variant paper-code r > 1 is a count of classes, as in the authors' code."),
     lam: float = typer.Option(0.3, "--lam", help="CSkip decay of the tail keep probability, > 0."),
     max_top: int = typer.Option(50, "--max-top", help="Cap on CSkip's always-kept set (the authors' code: 50; changes nothing while r*M <= 50)."),
     no_cap: bool = typer.Option(False, "--no-cap", help="No cap on the always-kept set: paper Eq. 7 as written (r*M classes always kept)."),
@@ -225,12 +234,14 @@ def tune(
     as_json: bool = JsonOpt,
 ):
     """Train blocks omega+1..N on a store with CSkip; write a run directory."""
+    from skipcache.cskip import CSkipConfig
     from skipcache.stages.tune import TuneConfig, result_dict, run_tune
 
+    skip = CSkipConfig(r=r, lam=lam, max_top=None if no_cap else max_top, variant=cskip_variant, enabled=not no_cskip,
+                       subset=cskip_subset)
     cfg = TuneConfig(store=None if store is None else _store(store, root), root=_root(root), dataset=dataset, model=model, omega=omega, out=out_dir,
                      epochs=epochs, batch_size=batch_size, lr=lr, lr_image=lr_image, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
-                     weight_decay=weight_decay, momentum=momentum, r=r, lam=lam,
-                     max_top=None if no_cap else max_top, cskip_variant=cskip_variant, cskip=not no_cskip, cskip_subset=cskip_subset, precision=precision, rank=rank, batching=batching, seed=seed,
+                     weight_decay=weight_decay, momentum=momentum, cskip=skip, precision=precision, rank=rank, batching=batching, seed=seed,
                      resume=resume, pretrained=pretrained, device=device, progress=not as_json,
                      checkpoint_every_s=checkpoint_every)
     cfg.validate()  # every setting before the device or the store is looked at

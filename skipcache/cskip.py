@@ -10,12 +10,24 @@ taken literally from DESIGN.md. Since exp(0) = 1, a rank equal to top (when r·M
 is also kept with probability 1, so ranks 0..top are certain: top + 1 classes, not top.
 The true class is always kept. The mask is resampled on every call, i.e. every step.
 
-The "paper-code" variant reproduces the authors' implementation instead:
-  - the certain set is the first k = min(ceil(r·M), 50) ranks (max_top replaces the 50 if set);
-  - the n = M − k tail ranks get min-max-normalized exp(−x/λ) over x = linspace(0, 5, n), so the
-    first tail rank has p = 1 and the last p = 0 (note x/λ, not λ·x);
-  - with one tail rank the original divides 0 by 0 and gets NaN; we define p = 1 there;
-  - the mask is drawn once per run for every training row (`fixed_masks`), not every step.
+`max_top` (default 50, as the authors' code) caps top; None is Eq. 7 as written, whose r·M
+certain classes make large label sets expensive.
+
+The "paper-code" variant reproduces the authors' `select_classes` (SkipTuning trainer), checked
+against a transcription of it on fixed rankings and draws (tests/test_cskip_paper_code.py):
+  - k = ceil(r·M) always-kept rank positions for r <= 1, ceil(min(r, M)) for r > 1 (an absolute
+    count), at most max_top (50); r = 1, or k = M, keeps every class;
+  - the n = M − k tail positions get min-max-normalized exp(−x/λ) over x = linspace(0, 5, n), so
+    the first tail position has p = 1 and the last p = 0 (note x/λ, not λ·x);
+  - with a single tail position their normalisation is 0/0 = NaN and `rand < NaN` is False, so
+    that class is never kept; we reproduce that (p = 0) rather than change it;
+  - with `subset = "batch"` (theirs): ONE mask over rank positions, drawn once per run from M
+    uniforms, shared by every batch; classes ranked by their best similarity to the batch, the
+    batch's true classes first (theirs: similarity 1e4), so they take always-kept positions, not
+    places on top; a plain cross-entropy over the kept classes, in class-id order. When a batch
+    has more distinct true classes than k, a true class can fall on a dropped tail position;
+    theirs then trains that image towards the smallest kept class id, and so does this variant.
+  - with `subset = "image"` (not theirs): a mask per training row, drawn once per run.
 
 Two ways to turn those probabilities into the classes a training step runs the text tower on:
 
@@ -36,7 +48,7 @@ Two ways to turn those probabilities into the classes a training step runs the t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -49,30 +61,56 @@ PAPER_CODE_TOP_CAP = 50  # the authors' code never keeps more than 50 classes fo
 
 @dataclass(frozen=True)
 class CSkipConfig:
-    """CSkip settings: sampling ratio r, decay λ, optional cap on the certain set, variant."""
+    """CSkip settings: sampling ratio r, decay λ, cap on the certain set, variant, subset mode.
+
+    Errors name the field as `cskip.<name>` (the tune stage's nested config); the CLI maps
+    those names to its flags.
+    """
 
     r: float = 0.5
     lam: float = 0.3
-    max_top: int | None = None
+    max_top: int | None = 50
     variant: Literal["eq7", "paper-code"] = "eq7"
     enabled: bool = True
     subset: Literal["batch", "image"] = "batch"
 
     def __post_init__(self):
-        if not (0 < self.r <= 1):
-            raise ConfigError(f"r must be in (0, 1], got {self.r}; pass --r between 0 and 1")
-        if not (self.lam > 0 and math.isfinite(self.lam)):
-            raise ConfigError(f"lam must be > 0 and finite, got {self.lam}; pass --lam such as 0.3")
-        if self.max_top is not None and not (isinstance(self.max_top, int) and self.max_top >= 1):
-            raise ConfigError(
-                f"max_top must be an integer >= 1 or unset, got {self.max_top!r}; "
-                "pass --max-top 1 or more, or leave it unset")
+        if self.variant == "paper-code":  # the authors' code: r > 1 is an absolute number of classes
+            if not (self.r > 0 and math.isfinite(self.r)):
+                raise ConfigError(f"cskip.r must be > 0 and finite, got {self.r}; e.g. 0.5 (a ratio) or 50 (a count)")
+        elif not (_number(self.r) and 0 < self.r <= 1):
+            raise ConfigError(f"cskip.r must be in (0, 1], got {self.r}; e.g. 0.5")
+        if not (_number(self.lam) and self.lam > 0 and math.isfinite(self.lam)):
+            raise ConfigError(f"cskip.lam must be > 0 and finite, got {self.lam}; e.g. 0.3")
+        if self.max_top is not None and not (isinstance(self.max_top, int) and not isinstance(self.max_top, bool)
+                                             and self.max_top >= 1):
+            raise ConfigError(f"cskip.max_top must be an integer >= 1 or unset, got {self.max_top!r}; e.g. 50")
         if self.variant not in ("eq7", "paper-code"):
-            raise ConfigError(
-                f"variant must be 'eq7' or 'paper-code', got {self.variant!r}; "
-                "pass --cskip-variant eq7 or paper-code")
+            raise ConfigError(f"cskip.variant must be 'eq7' or 'paper-code', got {self.variant!r}")
         if self.subset not in ("batch", "image"):
-            raise ConfigError(f"subset must be 'batch' or 'image', got {self.subset!r}; pass --cskip-subset batch or image")
+            raise ConfigError(f"cskip.subset must be 'batch' or 'image', got {self.subset!r}")
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"cskip.enabled must be true or false, got {self.enabled!r}")
+
+    @classmethod
+    def from_value(cls, value) -> CSkipConfig:
+        """A CSkipConfig from itself, a bool (`cskip = false` in a pipeline: enabled or not) or a
+        dict of its fields (`cskip = {r = 0.3}`, a run's config.json)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, bool):
+            return cls(enabled=value)
+        if isinstance(value, dict):
+            names = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - names)
+            if unknown:
+                raise ConfigError(f"cskip has no setting {', '.join(unknown)}; it takes {', '.join(sorted(names))}")
+            return cls(**value)
+        raise ConfigError(f"cskip must be true, false or a table of CSkip settings, got {value!r}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def probabilities_by_rank(num_classes: int, cfg: CSkipConfig, device=None) -> torch.Tensor:
@@ -85,14 +123,24 @@ def probabilities_by_rank(num_classes: int, cfg: CSkipConfig, device=None) -> to
         top = cfg.r * M if cfg.max_top is None else min(cfg.r * M, cfg.max_top)
         return torch.where(o < top, torch.ones_like(o), torch.exp(-cfg.lam * (o - top)))
     # paper-code variant
-    cap = PAPER_CODE_TOP_CAP if cfg.max_top is None else cfg.max_top
-    k = min(math.ceil(cfg.r * M), cap, M)
-    n_tail = M - k
+    k = paper_code_top(M, cfg)
     p = torch.ones(M, device=device)
-    if n_tail >= 2:  # n_tail == 1: the original's 0/0 (NaN); we keep it (p = 1)
-        w = torch.exp(-torch.linspace(0, 5, n_tail, device=device) / cfg.lam)
+    if cfg.r == 1.0 or k >= M:  # the authors' code keeps every class then
+        return p
+    n_tail = M - k
+    w = torch.exp(-torch.linspace(0, 5, n_tail, device=device) / cfg.lam)
+    if n_tail == 1:  # their min-max normalisation is 0/0 = NaN, and rand < NaN is False: never kept
+        p[k:] = 0.0
+    else:
         p[k:] = (w - w.min()) / (w.max() - w.min())
     return p
+
+
+def paper_code_top(num_classes: int, cfg: CSkipConfig) -> int:
+    """The authors' always-kept count: ceil(r·M) for r <= 1, else ceil(min(r, M)); at most the cap."""
+    M = num_classes
+    k = math.ceil(cfg.r * M) if cfg.r <= 1 else math.ceil(min(cfg.r, M))
+    return min(k, PAPER_CODE_TOP_CAP if cfg.max_top is None else cfg.max_top)
 
 
 def keep_probabilities(rank: torch.Tensor, cfg: CSkipConfig) -> torch.Tensor:
@@ -210,13 +258,16 @@ class BatchSubset:
         num_classes: M, the classes of the train split.
         cfg: CSkip settings (variant, r, λ, max_top).
         batch_size: images per step; the certain positions are at least this many, so every
-            true class of a batch fits in them.
+            true class of a batch fits in them (not with the paper-code variant, which keeps
+            the authors' count).
     """
 
     def __init__(self, num_classes: int, cfg: CSkipConfig, batch_size: int, device=None):
         M = num_classes
         self.num_classes = M
-        self.certain = min(M, max(certain_count(M, cfg), batch_size))
+        self.paper_code = cfg.variant == "paper-code"
+        least = 0 if self.paper_code else batch_size
+        self.certain = min(M, max(certain_count(M, cfg), least))
         self.tail = tail_slots(M, cfg, self.certain)
         self.size = self.certain + self.tail
         p = probabilities_by_rank(M, cfg, device=device)
@@ -226,8 +277,12 @@ class BatchSubset:
 
     def fix_draw(self, generator: torch.Generator | None = None) -> None:
         """Draw the tail once and reuse it at every step (the authors' code: one mask over rank
-        positions per run)."""
-        self._fixed = torch.rand(self.p_tail.shape, generator=generator, device=self.p_tail.device) < self.p_tail
+        positions per run, from M uniforms of which the always-kept positions use the first)."""
+        u = torch.rand(self.num_classes, generator=generator, device=self.p_tail.device)
+        self._fixed = u[self.certain:] < self.p_tail
+        if self._fixed.device.type != "meta":  # room for every drawn position (once per run)
+            self.tail = max(self.tail, int(self._fixed.sum()))
+            self.size = self.certain + self.tail
 
     def to(self, device) -> BatchSubset:
         self.p_tail = self.p_tail.to(device)
@@ -260,16 +315,27 @@ class BatchSubset:
         order = torch.argsort(batch_score, descending=True, stable=True)  # (M,) classes by position
         certain = order[: self.certain]
         if self.tail == 0:
-            return certain, torch.ones(self.certain, dtype=torch.bool, device=score.device)
-        drawn = self._fixed if self._fixed is not None else \
-            torch.rand(self.p_tail.shape, generator=generator, device=score.device) < self.p_tail  # (M - c,)
-        # the `tail` drawn positions that come first; undrawn ones fill the rest, masked out
-        pick = torch.topk(drawn.float() * self._priority, self.tail, sorted=False).indices  # (tail,)
-        class_ids = torch.cat([certain, order[self.certain:][pick]])  # (size,)
-        keep = torch.cat([torch.ones(self.certain, dtype=torch.bool, device=score.device), drawn[pick]])
+            class_ids, keep = certain, torch.ones(self.certain, dtype=torch.bool, device=score.device)
+        else:
+            drawn = self._fixed if self._fixed is not None else \
+                torch.rand(self.p_tail.shape, generator=generator, device=score.device) < self.p_tail  # (M - c,)
+            # the `tail` drawn positions that come first; undrawn ones fill the rest, masked out
+            pick = torch.topk(drawn.float() * self._priority, self.tail, sorted=False).indices  # (tail,)
+            class_ids = torch.cat([certain, order[self.certain:][pick]])  # (size,)
+            keep = torch.cat([torch.ones(self.certain, dtype=torch.bool, device=score.device), drawn[pick]])
+        if self.paper_code:  # theirs: kept classes in class-id order (what a dropped label's target becomes)
+            by_id = torch.argsort(class_ids + (~keep).long() * self.num_classes)
+            class_ids, keep = class_ids[by_id], keep[by_id]
         return class_ids, keep
 
 
-def positions_of(labels: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-    """Position (B,) of each label in class_ids (K,) without a host sync; the labels must be there."""
-    return (class_ids.unsqueeze(0) == labels.long().unsqueeze(1)).int().argmax(dim=1)
+def positions_of(labels: torch.Tensor, class_ids: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Position (B,) of each label among the kept entries of class_ids (K,), without a host sync.
+
+    A label that is not kept gets position 0 (only the paper-code variant can drop a true class;
+    the authors' code then trains towards its first kept class, and so does this).
+    """
+    hit = class_ids.unsqueeze(0) == labels.long().unsqueeze(1)  # (B, K)
+    if keep is not None:
+        hit = hit & keep.unsqueeze(0)
+    return hit.int().argmax(dim=1)

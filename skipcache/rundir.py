@@ -30,7 +30,7 @@ import json
 import os
 import re
 import time
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,9 @@ def _check_version(run_dir: Path, data: dict) -> None:
 
 
 def _jsonable(value: Any) -> Any:
+    """JSON values; a nested config dataclass (CSkipConfig) becomes a dict of its fields."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
     return json.loads(json.dumps(value, default=str))
 
 
@@ -306,9 +309,15 @@ def _default_of(cfg, name: str):
 
 
 def changed_settings(cfg, saved: dict) -> list[str]:
-    """`name old -> new` for every training setting of `cfg` that differs from config.json."""
+    """`name old -> new` for every training setting of `cfg` that differs from config.json
+    (nested settings by their dotted name: `cskip.r 0.5 -> 0.3`)."""
     now = _settings(cfg)
     changes = []
+    for name, new in now.items():  # one level of nesting (the CSkip settings)
+        old = saved.get(name, _default_of(cfg, name))
+        if isinstance(new, dict) and isinstance(old, dict) and name not in RUNTIME_SETTINGS:
+            changes += [f"{name}.{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
+            now[name] = old  # reported field by field above
     lr_changed = "lr" in now and saved.get("lr", _default_of(cfg, "lr")) != now["lr"]
     for name, new in now.items():
         if name in RUNTIME_SETTINGS:

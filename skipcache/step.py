@@ -106,7 +106,7 @@ class TuneStep:
         else:
             score = -batch["zeroshot_rank"].float()  # (B, M), rank 0 = most similar
         class_ids, keep = self.subset.sample(score, labels, self.generator)  # (K,), (K,)
-        return class_ids, keep, cskip.positions_of(labels, class_ids)
+        return class_ids, keep, cskip.positions_of(labels, class_ids, keep)
 
     def _image_subsets(self, image, batch):  # the union of per-image subsets: dynamic shapes, syncs
         labels = batch["labels"]

@@ -293,10 +293,10 @@ def test_omega_out_of_range(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--r", "0"], "r must be in (0, 1], got 0.0; pass --r between 0 and 1"),
-    (["--r", "1.5"], "r must be in (0, 1], got 1.5; pass --r between 0 and 1"),
-    (["--lam", "0"], "lam must be > 0 and finite, got 0.0; pass --lam such as 0.3"),
-    (["--lam", "-1"], "lam must be > 0 and finite, got -1.0; pass --lam such as 0.3"),
+    (["--r", "0"], "--r (cskip.r) must be in (0, 1], got 0.0; e.g. 0.5"),
+    (["--r", "1.5"], "--r (cskip.r) must be in (0, 1], got 1.5; e.g. 0.5"),
+    (["--lam", "0"], "--lam (cskip.lam) must be > 0 and finite, got 0.0; e.g. 0.3"),
+    (["--lam", "-1"], "--lam (cskip.lam) must be > 0 and finite, got -1.0; e.g. 0.3"),
     (["--epochs", "0"], "epochs must be >= 1 (a whole number), got 0; e.g. 20"),
     (["--lr", "0"], "lr must be a finite number > 0, got 0.0; e.g. 2e-5"),
 ])

@@ -122,12 +122,13 @@ def test_expected_kept():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(r=0), "r must be in (0, 1], got 0; pass --r between 0 and 1"),
-    (dict(r=1.5), "r must be in (0, 1], got 1.5"),
-    (dict(lam=0), "lam must be > 0"),
-    (dict(lam=float("nan")), "lam must be > 0"),
-    (dict(max_top=0), "max_top must be an integer >= 1"),
-    (dict(variant="topk"), "variant must be 'eq7' or 'paper-code'"),
+    (dict(r=0), "cskip.r must be in (0, 1], got 0; e.g. 0.5"),
+    (dict(r=1.5), "cskip.r must be in (0, 1], got 1.5"),
+    (dict(lam=0), "cskip.lam must be > 0"),
+    (dict(lam=float("nan")), "cskip.lam must be > 0"),
+    (dict(max_top=0), "cskip.max_top must be an integer >= 1"),
+    (dict(variant="topk"), "cskip.variant must be 'eq7' or 'paper-code'"),
+    (dict(subset="all"), "cskip.subset must be 'batch' or 'image'"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ConfigError) as err:
@@ -205,10 +206,10 @@ def test_paper_code_certain_count_and_tail(M, r, k, tail):
     assert_probabilities(p[[k + i for i in positions]], [tail[i] for i in positions])
 
 
-def test_paper_code_single_tail_class_is_kept_not_nan():
-    # M=3, r=0.5 -> k=2, one tail rank: the original gives NaN (0/0); we define p = 1
+def test_paper_code_single_tail_class_is_never_kept_as_in_the_authors_code():
+    # M=3, r=0.5 -> k=2, one tail rank: their min-max normalisation is 0/0 = NaN, rand < NaN is False
     p = keep_probabilities(torch.arange(3)[None], CSkipConfig(r=0.5, variant="paper-code"))
-    assert torch.equal(p, torch.ones(1, 3))
+    assert p.tolist() == [[1.0, 1.0, 0.0]]
 
 
 def test_paper_code_masks_fixed_across_calls():

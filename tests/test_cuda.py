@@ -34,8 +34,8 @@ def test_cache_on_cuda_matches_the_cpu(stores):
     assert torch.allclose(cpu["zeroshot_logits"], gpu["zeroshot_logits"], atol=1e-2)
 
 
-@pytest.mark.parametrize("settings", [{}, {"cskip": False}, {"cskip_subset": "image"}, {"rank": "dynamic"},
-                                      {"batching": "class"}, {"cskip_variant": "paper-code"}, {"precision": "fp32"}])
+@pytest.mark.parametrize("settings", [{}, {"cskip": False}, {"cskip": {"subset": "image"}}, {"rank": "dynamic"},
+                                      {"batching": "class"}, {"cskip": {"variant": "paper-code"}}, {"precision": "fp32"}])
 def test_tune_eval_export_predict_on_cuda(stores, settings, tmp_path):
     base, out = stores
     run = skipcache.tune(skipcache.TuneConfig(store=out["cuda"].path, out=tmp_path / "run", epochs=2, batch_size=4,

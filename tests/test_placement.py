@@ -70,7 +70,7 @@ def store(tmp_path_factory):
     {},  # the default: batch-shared CSkip subset
     {"cskip": False},
     {"rank": "dynamic"},
-    {"cskip_variant": "paper-code"},
+    {"cskip": {"variant": "paper-code"}},
     {"precision": "bf16"},
 ])
 def test_tune_step_is_wholly_on_the_device(store, settings):

@@ -274,7 +274,7 @@ def test_resume_refuses_changed_training_settings(tmp_path, store):
                  "--resume: settings differ from the run's config.json: lr 2e-05 -> 0.001, seed 1 -> 2; "
                  "drop them or start a new --out")
     assert_error(invoke("tune", store, "--out", run, "--resume", *TUNE, "--no-cskip", "--batch-size", "8"), 2,
-                 contains="batch_size 4 -> 8, cskip True -> False;")
+                 contains="cskip.enabled True -> False, batch_size 4 -> 8;")
     assert (run / "config.json").read_text() == config
     # What does not change the trained weights may differ: the store's path, the progress bar. An
     # old run's config.json may hold settings TuneConfig no longer has (`workers`): not a change.

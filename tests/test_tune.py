@@ -104,10 +104,12 @@ def test_class_batches_cover_every_row_once_and_hold_one_class():
 @pytest.mark.parametrize("kwargs, message", [
     ({"batching": "nope"}, "batching must be 'shuffle' or 'class'"),
     ({"rank": "nope"}, "rank must be 'zeroshot' or 'dynamic'"),
-    ({"r": 0.0}, "r must be in (0, 1]"),
-    ({"lam": -1.0}, "lam must be > 0"),
+    ({"cskip": {"r": 0.0}}, "cskip.r must be in (0, 1]"),
+    ({"cskip": {"lam": -1.0}}, "cskip.lam must be > 0"),
+    ({"cskip": {"rr": 0.3}}, "cskip has no setting rr"),
+    ({"cskip": "no"}, "cskip must be true, false or a table"),
     ({"epochs": 0}, "epochs must be >= 1"),
-    ({"rank": "dynamic", "cskip_variant": "paper-code", "cskip_subset": "image"}, "per-image paper-code masks"),
+    ({"rank": "dynamic", "cskip": {"variant": "paper-code", "subset": "image"}}, "per-image paper-code masks"),
     ({"epochs": 1, "warmup_epochs": 1}, "warmup_epochs 1 with epochs 1: the warm-up would take the whole run"),
     ({"epochs": 3, "warmup_epochs": 3}, "warmup epochs must be in [0, epochs), got 3 for 3 epochs"),
 ])
@@ -124,7 +126,7 @@ def test_class_batching_shrinks_the_text_union_of_per_image_subsets(tmp_path, ra
     unions = {}
     for batching in ("shuffle", "class"):
         run_tune(TuneConfig(store=cached.path, out=tmp_path / f"{batching}-{rank}-{variant}", epochs=1, batch_size=8,
-                            batching=batching, rank=rank, cskip_variant=variant, cskip_subset="image", r=0.2, lam=1.0, warmup_epochs=0,
+                            batching=batching, rank=rank, cskip={"variant": variant, "subset": "image", "r": 0.2, "lam": 1.0}, warmup_epochs=0,
                             device="cpu", progress=False))
         rows = [json.loads(l) for l in (tmp_path / f"{batching}-{rank}-{variant}" / "metrics.jsonl").read_text().splitlines()]
         unions[batching] = rows[-1]["text_classes_per_step"]

@@ -55,9 +55,11 @@ def method_name(omega: int, cskip: bool) -> str:
 
 
 def run_method(config: dict, info: dict) -> str:
-    """`method_name` of a finished run, from its config.json (`cskip`) and the omega of the store
+    """`method_name` of a finished run, from its config.json (`cskip.enabled`) and the omega of the store
     it trained on (run.json's `store_key`)."""
-    return method_name(int(info["store_key"]["omega"]), bool(config.get("cskip", True)))
+    skip = config.get("cskip", True)
+    enabled = skip.get("enabled", True) if isinstance(skip, dict) else bool(skip)
+    return method_name(int(info["store_key"]["omega"]), enabled)
 
 
 def harmonic_mean(a: float, b: float) -> float:

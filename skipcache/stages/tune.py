@@ -48,13 +48,14 @@ class TuneConfig:
         warmup_epochs: epochs at constant `warmup_lr` before the cosine schedule (paper: 1);
             None means 1 when epochs > 1, else 0 (`resolved_warmup_epochs`), so a 1-epoch run
             is not spent entirely at the warm-up rate.
-        r, lam, max_top, cskip_variant, cskip, cskip_subset: CSkip settings (see skipcache.cskip).
+        cskip: CSkip settings, a `skipcache.cskip.CSkipConfig` (r, lam, max_top, variant,
+            enabled, subset); `False` / `True` / a dict of its fields are accepted too.
             `max_top` caps the always-kept set at 50 classes, as the authors' code does (it
             changes nothing while r·M <= 50); None is paper Eq. 7 as written, whose r·M
-            always-kept classes make large label sets expensive (500 of 1000).
-            `cskip_subset` is `batch` (one fixed-size subset per step, shared by the batch: the
-            text tower runs on about E[kept] classes) or `image` (a subset per image; the text
-            tower runs on their union).
+            always-kept classes make large label sets expensive (500 of 1000). `subset` is
+            `batch` (one fixed-size subset per step, shared by the batch: the text tower runs
+            on about E[kept] classes) or `image` (a subset per image; the text tower runs on
+            their union).
         rank: `zeroshot` (rankings stored by the cache stage) or `dynamic` (the current model's
             image features against the zero-shot prototypes, computed every step).
         batching: `shuffle` (rows shuffled across classes, streamed from the store) or `class`
@@ -90,12 +91,7 @@ class TuneConfig:
     momentum: float = 0.9
     warmup_epochs: int | None = None
     warmup_lr: float = 1e-6
-    r: float = 0.5
-    lam: float = 0.3
-    max_top: int | None = 50
-    cskip_variant: str = "eq7"
-    cskip: bool = True
-    cskip_subset: str = "batch"
+    cskip: cskip.CSkipConfig = field(default_factory=cskip.CSkipConfig)
     rank: str = "zeroshot"
     batching: str = "shuffle"
     seed: int = 1
@@ -106,9 +102,11 @@ class TuneConfig:
     progress: bool = True
     checkpoint_every_s: float = 60.0
 
+    def __post_init__(self) -> None:
+        self.cskip = cskip.CSkipConfig.from_value(self.cskip)
+
     def cskip_config(self) -> cskip.CSkipConfig:
-        return cskip.CSkipConfig(r=self.r, lam=self.lam, max_top=self.max_top, variant=self.cskip_variant, enabled=self.cskip,
-                                 subset=self.cskip_subset)
+        return self.cskip
 
     def resolved_warmup_epochs(self) -> int:
         """Warm-up epochs of the run: as set, else 1 when epochs > 1 (the paper's recipe) and 0
@@ -141,8 +139,6 @@ class TuneConfig:
         check("weight_decay", lambda v: v >= 0, "a finite number >= 0", "e.g. 5e-4")
         check("momentum", lambda v: 0 <= v < 1, "in [0, 1)", "e.g. 0.9")
         check("warmup_lr", lambda v: v >= 0, "a finite number >= 0", "e.g. 1e-6")
-        check("r", lambda v: 0 < v <= 1, "in (0, 1]", "pass --r between 0 and 1")
-        check("lam", lambda v: v > 0, "> 0 and finite", "pass --lam such as 0.3")
         check("seed", lambda v: 0 <= v < 2**32, "a whole number in [0, 2**32)", "e.g. 1", whole=True)
         check("omega", lambda v: v >= 0, ">= 0 (a whole number) or unset", "e.g. 6", whole=True, optional=True)
         check("checkpoint_every_s", lambda v: v >= 0, "a finite number of seconds >= 0", "e.g. 60, or 0 for every epoch")
@@ -153,7 +149,7 @@ class TuneConfig:
             raise ConfigError(f"batching must be 'shuffle' or 'class', got {self.batching!r}")
         if self.rank not in ("zeroshot", "dynamic"):
             raise ConfigError(f"rank must be 'zeroshot' or 'dynamic', got {self.rank!r}")
-        if self.rank == "dynamic" and self.cskip_variant == "paper-code" and self.cskip_subset == "image":
+        if self.rank == "dynamic" and self.cskip.variant == "paper-code" and self.cskip.subset == "image":
             raise ConfigError("per-image paper-code masks are drawn once from zero-shot ranks; use --rank zeroshot or --cskip-subset batch with it")
         warmup = self.resolved_warmup_epochs()
         if warmup >= self.epochs and self.epochs > 1:
