@@ -174,7 +174,9 @@ def cache(
     classes: str = typer.Option("base", "--classes", help="base: train on base classes, test base and new; all: every class."),
     views: int = typer.Option(1, "--views", help="Augmented views per training image (1: no augmentation)."),
     dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16, bfloat16 or float32."),
-    template: Optional[str] = typer.Option(None, "--template", help="Prompt template with {} (default: the dataset's)."),
+    template: Optional[str] = typer.Option(None, "--template", help="Prompt template with {} (overrides --templates)."),
+    templates: str = typer.Option("coop", "--templates", help="Named prompt set: coop (CoOp's per-dataset prompts) or skipt (the Skip Tuning authors')."),
+    sampler: str = typer.Option("stable", "--sampler", help="Few-shot sampler: stable (per-class, order-independent) or coop (CoOp's picks, image for image)."),
     root: Optional[Path] = RootOpt,
     force: bool = typer.Option(False, "--force", help="Rebuild even if a complete store with this key exists."),
     device: str = DeviceOpt,
@@ -188,6 +190,7 @@ def cache(
     _at_least("--workers", workers, 0, "pass 0 to decode images in the main process")
     cfg = CacheConfig(dataset=dataset, data_root=data_root, dataset_options=_parse_options(option), model=model, pretrained=pretrained, omega=omega,
                       shots=shots, seed=seed, classes=classes, views=views, dtype=dtype, template=template,
+                      templates=templates, sampler=sampler,
                       root=_root(root), force=force, device=_device(device), batch_size=batch_size, workers=workers,
                       progress=not as_json)
     result = run_cache(cfg)
@@ -203,6 +206,7 @@ def cache(
 @handle_errors
 def tune(
     store: Optional[Path] = typer.Argument(None, help="Store path (default: newest complete store under --root)."),
+    method: str = typer.Option("skip-tuning", "--method", help="skip-tuning (default), ft (store at omega 0), ft-lskip, ft-cskip, fast (omega N-N/4, r 0.25), coop, clip-adapter or lora; see docs/baselines.md."),
     root: Optional[Path] = RootOpt,
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Pick the newest store of this dataset."),
     model: Optional[str] = typer.Option(None, "--model", help="Pick the newest store of this model."),
@@ -239,7 +243,7 @@ def tune(
 
     skip = CSkipConfig(r=r, lam=lam, max_top=None if no_cap else max_top, variant=cskip_variant, enabled=not no_cskip,
                        subset=cskip_subset)
-    cfg = TuneConfig(store=None if store is None else _store(store, root), root=_root(root), dataset=dataset, model=model, omega=omega, out=out_dir,
+    cfg = TuneConfig(store=None if store is None else _store(store, root), method=method, root=_root(root), dataset=dataset, model=model, omega=omega, out=out_dir,
                      epochs=epochs, batch_size=batch_size, lr=lr, lr_image=lr_image, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
                      weight_decay=weight_decay, momentum=momentum, cskip=skip, precision=precision, rank=rank, batching=batching, seed=seed,
                      resume=resume, pretrained=pretrained, device=device, progress=not as_json,
@@ -392,43 +396,84 @@ def models(as_json: bool = JsonOpt):
 
 @app.command()
 @handle_errors
-def datasets(as_json: bool = JsonOpt):
-    """List the datasets and whether they need a data root."""
+def datasets(data_root: Optional[Path] = typer.Option(None, "--data-root", help=f"Data root to look in (default: ${DATA_ENV})."),
+             as_json: bool = JsonOpt):
+    """List the datasets and whether each is found under the data root."""
     from skipcache.data import list_datasets
+    from skipcache.data.registry import dataset_status, resolve_data_root
 
     infos = list_datasets()
+    status = {d.name: dataset_status(d.name, data_root) for d in infos}
     if as_json:
-        return _print_json([{"name": d.name, "needs_root": d.needs_root, "description": d.description} for d in infos])
-    out.print(_table("datasets", ["name", "needs --data-root", "description"], [[d.name, d.needs_root, d.description] for d in infos]))
+        return _print_json([{"name": d.name, "needs_root": d.needs_root, "found": status[d.name][0],
+                             "status": status[d.name][1], "description": d.description} for d in infos])
+
+    def found(name: str) -> str:
+        ok, detail = status[name]
+        return detail if ok is None else "yes" if ok else f"no: {detail}"
+
+    root = resolve_data_root(data_root)
+    title = f"datasets (data root: {root if root is not None else f'none; pass --data-root or set {DATA_ENV}'})"
+    out.print(_table(title, ["name", "found", "description"], [[d.name, found(d.name), d.description] for d in infos]))
+    out.print("check one in depth: skipcache check-data NAME")
+
+
+@app.command("check-data")
+@handle_errors
+def check_data(name: str = typer.Argument(..., help="Dataset name (see `skipcache datasets`)."),
+               data_root: Optional[Path] = typer.Option(None, "--data-root", help=f"Data root (default: ${DATA_ENV})."),
+               as_json: bool = JsonOpt):
+    """Check a dataset's copy: what is missing, where to get it (exit 1 if it cannot be used)."""
+    from skipcache.data.check import check_dataset
+    from skipcache.errors import DataError
+
+    report = check_dataset(name, data_root)
+    if as_json:
+        _print_json(report.to_json())
+        if not report.ok:
+            raise typer.Exit(DataError.exit_code)
+        return
+
+    def show(console: Console, findings) -> None:
+        for f in findings:
+            console.print(f"{f.level}: {f.message}", markup=False, highlight=False)
+            if f.fix:
+                console.print(f"  fix: {f.fix}", markup=False, highlight=False)
+
+    if not report.ok:
+        show(err, report.findings)
+        doc = f"; CoOp's instructions: {report.doc}" if report.doc else ""
+        raise DataError(f"{name}: {len(report.errors)} problem(s) under {report.folder or report.root or 'no data root'}{doc}")
+    if report.folder is None:
+        out.print(f"{name}: built in, nothing to check", markup=False, highlight=False)
+        return
+    sizes = ", ".join(f"{s} {n:,}" for s, n in report.images.items())
+    kind = " (test only)" if report.test_only else ""
+    out.print(f"ok: {name} in {report.folder}: {report.classes:,} classes; images: {sizes}{kind}", markup=False, highlight=False)
+    show(out, report.warnings)
 
 
 @app.command()
 @handle_errors
 def run(
     pipeline: Path = typer.Argument(..., help="Pipeline file (see pipelines/)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: runs/pipelines/<name>-<time>)."),
-    override: list[str] = typer.Option([], "--set", help="Override a field: cache.dataset=dtd, method.1.epochs=20 (repeatable)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: runs/pipelines/<name>, the same every time: "
+                                           "running again keeps finished runs and resumes interrupted ones)."),
+    override: list[str] = typer.Option([], "--set", help="Override a field: cache.omega=4, method.1.epochs=20, 'grid.seed=[1]' (repeatable)."),
     root: Optional[Path] = RootOpt,
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
 ):
-    """Run a declarative pipeline: one store, several methods, one result table."""
-    from skipcache.pipeline import METRICS, run_pipeline
+    """Run a declarative pipeline (a grid of datasets, seeds, shots x methods); print the paper's table."""
+    from skipcache.pipeline import run_pipeline
 
     result = run_pipeline(pipeline, out=out_dir, device=device, root=None if root is None else _root(root), overrides=override,
                           progress=not as_json,
                           log=(lambda *a: None) if as_json else (lambda msg: err.print(msg, markup=False, highlight=False)))
     if as_json:
         return _print_json(result)
-    rows = result["rows"]
-    keys = [k for k in METRICS if any(k in r for r in rows)] + result.get("targets", [])
-    table = _table(f"{result['pipeline']}: top-1 accuracy (%), tune time and peak memory", ["method", *keys, "tune s", "step ms", "peak MiB"],
-                   [[r["method"], *[r.get(k, float("nan")) for k in keys], r["tune_s"], r["step_ms"], r["peak_mib"]] for r in rows])
-    out.print(table)
-    methods = sorted({r["memory_method"] for r in rows if "memory_method" in r})
-    if methods:
-        out.print(f"peak memory: {'; '.join(methods)}")
-    out.print(f"results: {result['out']}/results.json")
+    out.print(result["markdown"], markup=False, highlight=False, emoji=False)
+    out.print(f"results: {result['out']}/results.md, results.csv, results.json", markup=False, highlight=False)
 
 
 def main() -> None:

@@ -290,8 +290,8 @@ def store_weights_source(store: FeatureStore, *first: str | None, hint: str | No
     raise refusal
 
 
-def load_deep_model(store: FeatureStore, device: torch.device | Placement, pretrained: str | None = None) -> DeepCLIP:
-    """The deep part of the store's model with its pretrained weights; the shallow part is freed.
+def load_store_model(store: FeatureStore, pretrained: str | None = None) -> LoadedModel:
+    """The store's whole model with its pretrained weights, on the CPU.
 
     `pretrained` (typed by the user) is loaded as given; otherwise the store's own source, only
     if `store_weights_source` trusts it. Either way the loaded weights must have the hash the
@@ -304,6 +304,26 @@ def load_deep_model(store: FeatureStore, device: torch.device | Placement, pretr
         raise StoreError(
             f"weights {source!r} (hash {lm.weights_hash}) are not the ones the store was cached with ({key['weights_hash']}); "
             "pass the original weights with --pretrained, or re-cache")
-    _, deep = split_model(lm.model, key["omega"], keep_shallow=False)
+    return lm
+
+
+def load_deep_model(store: FeatureStore, device: torch.device | Placement, pretrained: str | None = None) -> DeepCLIP:
+    """The deep part of the store's model with its pretrained weights (`load_store_model`); the
+    shallow part is freed."""
+    lm = load_store_model(store, pretrained)
+    _, deep = split_model(lm.model, store.key["omega"], keep_shallow=False)
     place = device if isinstance(device, Placement) else Placement(torch.device(device))
     return place.modules(deep)
+
+
+def model_depth(name: str) -> int | None:
+    """Transformer blocks per tower (the smaller of the two) from the model's config, without
+    building it; None when the config does not say."""
+    try:
+        if name.startswith("local-dir:"):
+            cfg = json.loads((Path(name[len("local-dir:"):]) / "open_clip_config.json").read_text())["model_cfg"]
+        else:
+            cfg = config_of(name)
+        return min(int(cfg["vision_cfg"]["layers"]), int(cfg["text_cfg"]["layers"]))
+    except (ModelError, OSError, KeyError, TypeError, ValueError):
+        return None

@@ -140,6 +140,38 @@ class ShallowText(nn.Module):
         return x, eot
 
 
+class TextEmbeddings(nn.Module):
+    """The text tower's frozen input: token embeddings, positional embeddings and the EOT search.
+
+    What prompt learning (CoOp) needs to put its own vectors between a prompt's tokens before
+    `DeepText(model, 0)` runs the whole tower: `tokens(ids)` (no positions), `positions(length)`
+    and `eot(ids)`. Holds only those two embeddings, not the tower they came from.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        text = _text_tower(model)
+        self.token_embedding = text.token_embedding
+        self.positional_embedding = text.positional_embedding
+        self.cast_dtype = text.transformer.get_cast_dtype()
+        self.pool_type = getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax"))
+        self.eos_id = getattr(text, "text_eos_id", getattr(text, "eos_id", None))
+
+    def eot(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Position of the pooled (EOT) token of each prompt (M,)."""
+        if self.pool_type == "eos":
+            return (token_ids == self.eos_id).int().argmax(dim=-1)
+        return token_ids.argmax(dim=-1)
+
+    def tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (M, L, Dt) without positions, on the embedding's device."""
+        return self.token_embedding(token_ids.to(self.positional_embedding.device)).to(self.cast_dtype)
+
+    def positions(self, length: int) -> torch.Tensor:
+        """Positional embeddings of the first `length` positions (length, Dt)."""
+        return self.positional_embedding[:length].to(self.cast_dtype)
+
+
 class DeepText(nn.Module):
     """Text blocks [omega, N), ln_final, EOT pooling and text_projection."""
 
@@ -233,6 +265,15 @@ class DeepCLIP(nn.Module):
         f = self.text(tokens, eot)
         return F.normalize(f, dim=-1) if normalize else f
 
+    def encode_classes(self, text: dict, class_ids: torch.Tensor) -> torch.Tensor:
+        """Normalized features (K, E) of the classes `class_ids` from a store's text (`read_text()`):
+        their cached tokens through the deep text half. Every trained model has this method; eval
+        calls it, so a method whose class features come from elsewhere (learned prompts, frozen
+        prototypes) is evaluated the same way."""
+        device = self.logit_scale.device
+        ids = torch.as_tensor(class_ids)
+        return self.encode_text(text["tokens"][ids].to(device), text["eot"][ids].to(device))
+
 
 class ShallowCLIP(nn.Module):
     """The frozen part: what the cache stage runs once."""
@@ -262,10 +303,36 @@ def split_model(model: nn.Module, omega: int, *, keep_shallow: bool = True) -> t
     return None, deep
 
 
-def drop_shallow(model: nn.Module) -> None:
-    """Free the frozen embeddings and blocks [0, omega) of both towers (the deep part keeps its own references)."""
-    visual, text = model.visual, _text_tower(model)
+def drop_shallow(model: nn.Module, *, text: bool = True) -> None:
+    """Free the frozen embeddings and blocks [0, omega) of both towers (the deep part keeps its own
+    references); with text=False only the image tower's (a method that runs the whole text tower)."""
+    visual = model.visual
     visual.transformer.resblocks = nn.ModuleList()
     visual.conv1 = None
-    text.transformer.resblocks = nn.ModuleList()
-    text.token_embedding = None
+    if text:
+        tower = _text_tower(model)
+        tower.transformer.resblocks = nn.ModuleList()
+        tower.token_embedding = None
+
+
+def projection_weights(deep: DeepCLIP) -> list[tuple[str, nn.Module, str, int]]:
+    """The linear projections of every deep block of both towers, for low-rank adapters (LoRA):
+    (parameter name in `deep`, module holding it, attribute name, fused projections).
+
+    open_clip's attention is one `nn.MultiheadAttention` whose `in_proj_weight` (3·D, D) holds
+    the query, key and value projections fused (3); its `out_proj.weight` and the MLP's
+    `c_fc.weight` and `c_proj.weight` are one projection each (1).
+    """
+    out = []
+    for tower, blocks in (("vision", deep.vision.resblocks), ("text", deep.text.resblocks)):
+        for i, block in enumerate(blocks):
+            attn, mlp = block.attn, block.mlp
+            if not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None:
+                raise ModelError(f"{tower} block {i}: attention is {type(attn).__name__}, not open_clip's fused "
+                                 "nn.MultiheadAttention; LoRA needs it")
+            prefix = f"{tower}.resblocks.{i}"
+            out += [(f"{prefix}.attn.in_proj_weight", attn, "in_proj_weight", 3),
+                    (f"{prefix}.attn.out_proj.weight", attn.out_proj, "weight", 1),
+                    (f"{prefix}.mlp.c_fc.weight", mlp.c_fc, "weight", 1),
+                    (f"{prefix}.mlp.c_proj.weight", mlp.c_proj, "weight", 1)]
+    return out

@@ -39,8 +39,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
+from skipcache.baselines import DEFAULT_METHOD, get_method
 from skipcache.errors import ConfigError, RunError, StoreError
-from skipcache.loading import load_deep_model, load_model, store_weights_source
+from skipcache.loading import load_store_model, store_weights_source
+from skipcache.placement import Placement
 from skipcache.runtime import default_store_root, utc_now, write_text_atomic
 from skipcache.store import FeatureStore, key_hash, store_path
 from skipcache.store_layout import safe_component
@@ -614,8 +616,14 @@ class TunedRun:
         run_dir: the run directory.
         config: its config.json; `info`: its run.json.
         store: the store to use (the run's own, or the compatible one passed in).
-        deep: the tuned deep model, eval mode, on the device (unless loaded with full=True).
+        deep: the tuned model, eval mode, on the device (unless loaded with full=True): a DeepCLIP
+            for Skip Tuning, FT and LoRA (merged), the method's model for CoOp and CLIP-Adapter;
+            eval calls its `encode_image` and `encode_classes`.
         full: the whole open_clip model with the tuned weights merged in, as a LoadedModel (full=True).
+        head: how `full` classifies raw images (`skipcache.baselines.Head`: plain CLIP, CoOp's
+            learned prompts, CLIP-Adapter's adapter) and what export writes beside it (full=True).
+        method: the method that trained the run (`skipcache.baselines`; `skip-tuning` for runs
+            that predate the field).
     """
 
     run_dir: Path
@@ -624,6 +632,15 @@ class TunedRun:
     store: FeatureStore
     deep: Any = None
     full: Any = None
+    head: Any = None
+    method: str = DEFAULT_METHOD
+
+
+def run_method_options(config: dict, info: dict) -> tuple[str, dict]:
+    """(method name, its options as resolved when the run trained): run.json's record over config.json's."""
+    name = config.get("method", DEFAULT_METHOD)
+    options = {**(config.get("method_options") or {}), **(info.get("method_options") or {})}
+    return name, options
 
 
 def load_tuned(run_dir: Path, device: torch.device | str = "cpu", store: FeatureStore | Path | None = None, *,
@@ -645,18 +662,20 @@ def load_tuned(run_dir: Path, device: torch.device | str = "cpu", store: Feature
     weights = _read_weights(run_dir, info)
     source = store_weights_source(store, config.get("pretrained"),
                                   hint="put the weights file back where it was cached from, or retrain with --pretrained FILE")
+    name, options = run_method_options(config, info)
+    try:
+        method = get_method(name)
+        options = method.resolve_options(options)
+    except ConfigError as exc:
+        raise RunError(f"run {run_dir} was trained by a method this skipcache does not know ({exc}); use the skipcache that wrote it") from None
     if full:
-        lm = load_model(store.key["model"], source, seed=store.key.get("seed", 0))
-        if lm.weights_hash != store.key["weights_hash"]:
-            raise StoreError(f"weights {source!r} (hash {lm.weights_hash}) are not the ones store {store.path} was cached with "
-                             f"({store.key['weights_hash']})")
-        state = lm.model.state_dict()
-        unknown = sorted(set(weights) - set(state))
-        if unknown:
-            raise RunError(f"tuned weights of {run_dir} have keys the model lacks: {unknown[:3]}")
-        state.update(weights)
-        lm.model.load_state_dict(state, strict=True)
-        return TunedRun(run_dir, config, info, store, full=lm)
-    deep = load_deep_model(store, torch.device(device) if isinstance(device, str) else device, source)
-    deep.load_deep_state_dict(weights)
-    return TunedRun(run_dir, config, info, store, deep=deep.eval())
+        lm = load_store_model(store, source)
+        try:
+            head = method.full_head(lm.model, weights, options)
+        except RunError as exc:
+            raise RunError(f"run {run_dir}: {exc}") from None
+        return TunedRun(run_dir, config, info, store, full=lm, head=head, method=name)
+    place = Placement(torch.device(device) if isinstance(device, str) else device)
+    model, _ = method.build(store, place, source, options)
+    model.load_deep_state_dict(weights)
+    return TunedRun(run_dir, config, info, store, deep=method.eval_model(model).eval(), method=name)

@@ -15,13 +15,14 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "skipcache"
 
 # Top down, as docs/design.md's module map lists them. A module may import modules of a layer below
-# its own, or of its own layer when both are in one package (data/, synthworld/, bench/); never above.
+# its own, or of its own layer when both are in one package (data/, synthworld/, bench/, baselines/); never above.
 LAYERS = [
     ("shell", ["skipcache.__main__", "skipcache.cli"]),
     ("bench", ["skipcache.bench"]),
     ("pipeline", ["skipcache.pipeline"]),
     ("stages", ["skipcache.stages"]),
     ("rundir", ["skipcache.rundir"]),
+    ("baselines", ["skipcache.baselines"]),
     ("step", ["skipcache.step"]),
     ("preprocess", ["skipcache.preprocess"]),
     ("loading", ["skipcache.loading"]),

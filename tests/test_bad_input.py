@@ -155,6 +155,63 @@ BAD_SPECS = {
                                            'pipeline {path}: cache.omega must be an integer, got "four"; e.g. omega = 6'),
     "set nan": (TINY_CACHE + ZS + FT, ["method.1.lr=nan"],
                 "pipeline {path}: method.1 ('FT'): lr must be a finite number > 0, got nan; e.g. 2e-5"),
+    # The grid ([grid] axes), the per-dataset tables and the protocol: checked before anything runs.
+    "grid a scalar": ("grid = 5\n" + TINY_CACHE + ZS, [], "pipeline {path}: grid must be a table ([grid]), got 5"),
+    "unknown grid axis": (TINY_CACHE + ZS + "[grid]\nseeds = [1]\n", [],
+                          "pipeline {path}: unknown [grid] axis(es) ['seeds']; allowed: ['dataset', 'seed', 'shots']"),
+    "grid axis a scalar": (TINY_CACHE + ZS + "[grid]\nseed = 1\n", [],
+                           "pipeline {path}: grid.seed must be a non-empty array, got 1; e.g. seed = [1, 2, 3]"),
+    "grid axis empty": (TINY_CACHE + ZS + "[grid]\ndataset = []\n", [],
+                        'pipeline {path}: grid.dataset must be a non-empty array, got []; e.g. dataset = ["dtd", "eurosat"]'),
+    "grid seed a string": (TINY_CACHE + ZS + '[grid]\nseed = [1, "2"]\n', [],
+                           'pipeline {path}: grid.seed.1 must be an integer, got "2"'),
+    "grid seed negative": (TINY_CACHE + ZS + "[grid]\nseed = [-1]\n", [],
+                           "pipeline {path}: grid.seed.0 must be a whole number in [0, 2**32), got -1"),
+    "grid dataset a number": (TINY_CACHE + ZS + "[grid]\ndataset = [3]\n", [],
+                              "pipeline {path}: grid.dataset.0 must be a string, got 3"),
+    "grid shots negative": (TINY_CACHE.replace("shots = 2\n", "") + ZS + "[grid]\nshots = [4, -1]\n", [],
+                            "pipeline {path}: grid.shots.1 must be >= 0 (0: all images), got -1"),
+    "grid seed twice": (TINY_CACHE + ZS + "[grid]\nseed = [1, 2, 1]\n", [],
+                        "pipeline {path}: grid.seed has 1 more than once; each value is one cell of the grid"),
+    "grid axis also in cache": (TINY_CACHE + ZS + "[grid]\nshots = [1, 2]\n", [],
+                                "pipeline {path}: cache.shots and grid.shots are both set; the grid sets it for every run: "
+                                "drop cache.shots"),
+    "grid axis also in a method": (TINY_CACHE + ZS + FT + "seed = 3\n[grid]\nseed = [1, 2]\n", [],
+                                   "pipeline {path}: method.1.seed and grid.seed are both set; the grid sets it for every run: "
+                                   "drop method.1.seed"),
+    "set a grid axis in a file without": (TINY_CACHE + ZS, ["grid.seed=1"],
+                                          "pipeline {path}: grid.seed must be a non-empty array, got 1; e.g. seed = [1, 2, 3]"),
+    "per_dataset of an unknown dataset": (TINY_CACHE + ZS + FT + "[per_dataset.dtdd]\nepochs = 5\n", [],
+                                          "pipeline {path}: per_dataset.dtdd: 'dtdd' is neither a dataset of this pipeline "
+                                          "nor a registered one (`skipcache datasets`); its datasets: synthetic"),
+    "per_dataset a scalar": (TINY_CACHE + ZS + FT + "[per_dataset]\nsynthetic = 5\n", [],
+                             "pipeline {path}: per_dataset.synthetic must be a table ([per_dataset.synthetic]), got 5"),
+    "per_dataset unknown field": (TINY_CACHE + ZS + FT + "[per_dataset.synthetic]\nepoch = 5\n", [],
+                                  "pipeline {path}: per_dataset.synthetic has unknown field(s) ['epoch']; it takes the tune "
+                                  "methods' settings (epochs, lr...) and cache = {{...}}"),
+    "per_dataset field of the wrong type": (TINY_CACHE + ZS + FT + '[per_dataset.synthetic]\nepochs = "x"\n', [],
+                                            'pipeline {path}: per_dataset.synthetic.epochs must be an integer, got "x"; '
+                                            "e.g. epochs = 20"),
+    "per_dataset cache sets a grid axis": (TINY_CACHE + ZS + FT + "[per_dataset.synthetic]\ncache = { seed = 2 }\n", [],
+                                           "pipeline {path}: per_dataset.synthetic.cache.seed: set seed in [cache] or [grid], "
+                                           "not per dataset"),
+    "per_dataset cache unknown field": (TINY_CACHE + ZS + FT + "[per_dataset.synthetic]\ncache = { omgea = 2 }\n", [],
+                                        "pipeline {path}: unknown per_dataset.synthetic.cache field(s) ['omgea']; allowed: ALLOWED"),
+    "per_dataset makes a run invalid": (TINY_CACHE + ZS + FT + "[per_dataset.synthetic]\nlr = -1.0\n", [],
+                                        "pipeline {path}: per_dataset.synthetic with method.1 ('FT'): lr must be a finite "
+                                        "number > 0, got -1.0; e.g. 2e-5"),
+    "unknown protocol": ('protocol = "b2n"\n' + TINY_CACHE + ZS, [],
+                         "pipeline {path}: protocol must be one of base-to-new, cross-dataset, domain-generalization, "
+                         "few-shot, got 'b2n'"),
+    "cross-dataset without targets": ('protocol = "cross-dataset"\n' + TINY_CACHE + ZS, [],
+                                      "pipeline {path}: protocol 'cross-dataset' is evaluated on targets: add [[target]] tables"),
+    "few-shot without a shots axis": ('protocol = "few-shot"\n' + TINY_CACHE + ZS, [],
+                                      'pipeline {path}: protocol "few-shot" needs a shots axis: [grid] shots = [1, 2, 4, 8, 16]'),
+    "base-to-new on every class": ('protocol = "base-to-new"\n' + TINY_CACHE + 'classes = "all"\n' + ZS, [],
+                                   'pipeline {path}: protocol "base-to-new" trains on the base classes: set cache.classes = "base"'),
+    "two methods, one run folder": (TINY_CACHE + '[[method]]\nname = "a b"\nkind = "zeroshot"\n'
+                                    '[[method]]\nname = "a_b"\nkind = "zeroshot"\n', [],
+                                    "pipeline {path}: methods 'a b' and 'a_b' would share the run folder 'a_b'; rename one"),
 }
 
 

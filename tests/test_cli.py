@@ -220,15 +220,15 @@ def test_unknown_dataset(tmp_path):
     from skipcache.data.registry import get_registry
 
     assert_error(invoke("cache", "--dataset", "nope", *TINY, "--root", tmp_path), 2,
-                 f"unknown dataset 'nope'; known datasets: {', '.join(get_registry())}")
+                 f"unknown dataset 'nope'; known datasets: {', '.join(get_registry())} (`skipcache datasets` describes them)")
 
 
-def test_unsupported_coop_dataset_says_why(tmp_path):
+def test_misspelt_dataset_gets_the_closest_names(tmp_path):
     from skipcache.data.registry import get_registry
 
-    assert_error(invoke("cache", "--dataset", "sun397", *TINY, "--root", tmp_path), 2,
-                 "unknown dataset 'sun397' (sun397 is not supported: its CoOp layout differs); "
-                 f"known datasets: {', '.join(get_registry())}")
+    assert_error(invoke("cache", "--dataset", "SUN-397", *TINY, "--root", tmp_path), 2,
+                 "unknown dataset 'SUN-397' (did you mean 'sun397'?); "
+                 f"known datasets: {', '.join(get_registry())} (`skipcache datasets` describes them)")
 
 
 def test_unknown_model(tmp_path):
@@ -466,7 +466,7 @@ def test_every_user_error_class_has_an_exit_code():
 
 # --------------------------------------------------------------------------------- help and lists
 
-COMMANDS = ["cache", "tune", "eval", "inspect", "ls", "verify", "export", "predict", "models", "datasets", "run"]
+COMMANDS = ["cache", "tune", "eval", "inspect", "ls", "verify", "export", "predict", "models", "datasets", "check-data", "run"]
 
 
 def test_top_level_help_names_every_command():

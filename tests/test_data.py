@@ -223,6 +223,10 @@ def test_malformed_split_files(tmp_path, split, message):
 
 
 def test_missing_coop_files_name_the_expected_paths(tmp_path):
+    with pytest.raises(DataError, match="food101: folder .*food-101 not found; CoOp's layout is <data root>/food-101/ "
+                                        "with images/, split_zhou_Food101.json .*skipcache check-data food101"):
+        get_dataset("food101", tmp_path)
+    (tmp_path / "food-101").mkdir()
     with pytest.raises(DataError, match="food101: image folder .*food-101/images not found; expected"):
         get_dataset("food101", tmp_path)
     (tmp_path / "food-101/images").mkdir(parents=True)
@@ -234,10 +238,13 @@ def test_missing_coop_files_name_the_expected_paths(tmp_path):
 
 
 def test_registry_errors(tmp_path):
-    with pytest.raises(ConfigError, match="unknown dataset 'nope'; known datasets: .*imagefolder, food101"):
+    with pytest.raises(ConfigError, match=r"unknown dataset 'nope'; known datasets: .*imagefolder, imagenet, "
+                                          r"caltech101, .*food101, .*imagenet_r \(`skipcache datasets` describes them\)"):
         get_dataset("nope", tmp_path)
-    with pytest.raises(ConfigError, match="fgvc_aircraft is not supported"):
-        get_dataset("fgvc_aircraft", tmp_path)
+    with pytest.raises(ConfigError, match=r"unknown dataset 'imagenet-a' \(did you mean 'imagenet_a'\?\); known"):
+        get_dataset("imagenet-a", tmp_path)
+    with pytest.raises(ConfigError, match=r"unknown dataset 'DescribableTextures' \(did you mean 'dtd'\?\)"):
+        get_dataset("DescribableTextures", tmp_path)
     with pytest.raises(DataError, match="needs a data root; pass --data-root DIR or set SKIPCACHE_DATA"):
         get_dataset("food101", None)
     with pytest.raises(DataError, match="data root .*nowhere is not a folder"):

@@ -72,6 +72,9 @@ def store(tmp_path_factory):
     {"rank": "dynamic"},
     {"cskip": {"variant": "paper-code"}},
     {"precision": "bf16"},
+    {"method": "lora"},  # the baselines (skipcache.baselines): their models and steps, placed the same way
+    {"method": "coop", "method_options": {"n_ctx": 4}},
+    {"method": "clip-adapter"},
 ])
 def test_tune_step_is_wholly_on_the_device(store, settings):
     cfg = TuneConfig(store=store.path, batch_size=4, device="cpu", progress=False, **settings)

@@ -345,7 +345,7 @@ def test_a_run_killed_before_its_first_checkpoint_restarts(tmp_path, store, monk
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tune, "load_deep_model", killed)
+    monkeypatch.setattr(tune, "setup_training", killed)  # killed while building the model
     with pytest.raises(KeyboardInterrupt):
         _tune(store, tmp_path / "run")
     monkeypatch.undo()

@@ -1,7 +1,14 @@
-"""Speed and memory benchmark of Skip Tuning's stages: `python -m skipcache.bench` (`make benchmark`).
+"""Benchmarks (measured here, never asserted in the tests):
 
-Speed and memory are measured here, never in the tests. See `skipcache.bench.steps` for what each
-configuration runs and `docs/benchmark.md` for the method and measured numbers.
+- `python -m skipcache.bench` (`skipcache bench`, `make benchmark`): every training method of
+  `skipcache.baselines` on one workload, a report laid out like the paper's Tables 4 and 5
+  (`methods.py` measures, `report.py` writes the markdown and plots);
+- `python -m skipcache.bench.components`: the tune step against conventional FT, cache-stage and
+  store throughput (`steps.py`);
+- `python -m skipcache.bench.tune_stage`: whole `skipcache tune` processes;
+- `python -m skipcache.bench.gpu_check`: `make gpu-check`'s report.
+
+See `docs/benchmark.md` for the method and the measured numbers.
 """
 
 from skipcache.bench.steps import CONFIGS, TRAIN_CONFIGS, BenchOptions, run_config, run_in_child

@@ -6,20 +6,21 @@ Three kinds of entries:
 - `imagefolder`: the data root is a folder with one subfolder per class, or with `train/`,
   `test/` (and optionally `val/`) folders that each hold one subfolder per class. Without split
   folders, each class is split 50/20/30 into train/val/test by file, seeded (`split_seed`);
-- the CoOp datasets that share one layout, `<data_root>/<folder>/<images>/...` plus
-  `<data_root>/<folder>/split_zhou_<Name>.json` with `train`/`val`/`test` lists of
-  `[impath relative to <images>, label, classname]` (see `COOP_LAYOUTS`).
+- the benchmark datasets of CoOp-based papers in CoOp's layout, each in its folder under the
+  data root (`skipcache.data.coop.COOP_LAYOUTS`): ImageNet, ten fine-grained and specialised
+  datasets, and four test-only ImageNet variants.
 
-Not supported (their CoOp layouts differ): fgvc_aircraft, sun397, imagenet. Images are listed,
-not opened: a file named by a split but missing is reported by `load_image`, by path.
+Images are listed, not opened: a file named by a split but missing is reported by `load_image`,
+by path, and beforehand by `skipcache check-data NAME`.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import inspect
-import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,26 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from skipcache.data.base import Dataset, Example
+from skipcache.data.coop import COOP_LAYOUTS, IMAGE_SUFFIXES, SPLIT_NAMES, make_coop_loader, presence
 from skipcache.data.templates import get_templates
 from skipcache.errors import ConfigError, DataError
 
 DATA_ROOT_ENV = "SKIPCACHE_DATA"
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-SPLIT_NAMES = ("train", "val", "test")
-COOP_DATASETS_DOC = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
-NOT_SUPPORTED = ("fgvc_aircraft", "sun397", "imagenet")
-
-# name -> (folder under the data root, images folder under the data root, split file in `folder`)
-COOP_LAYOUTS: dict[str, tuple[str, str, str]] = {
-    "food101": ("food-101", "food-101/images", "split_zhou_Food101.json"),
-    "caltech101": ("caltech-101", "caltech-101/101_ObjectCategories", "split_zhou_Caltech101.json"),
-    "oxford_pets": ("oxford_pets", "oxford_pets/images", "split_zhou_OxfordPets.json"),
-    "dtd": ("dtd", "dtd/images", "split_zhou_DescribableTextures.json"),
-    "eurosat": ("eurosat", "eurosat/2750", "split_zhou_EuroSAT.json"),
-    "ucf101": ("ucf101", "ucf101/UCF-101-midframes", "split_zhou_UCF101.json"),
-    "oxford_flowers": ("oxford_flowers", "oxford_flowers/jpg", "split_zhou_OxfordFlowers.json"),
-    "stanford_cars": ("stanford_cars", "stanford_cars", "split_zhou_StanfordCars.json"),
-}
 
 
 @dataclass(frozen=True)
@@ -144,76 +130,6 @@ def load_imagefolder(data_root: Path, *, split_seed: int = 0) -> Dataset:
     return Dataset("imagefolder", classnames, get_templates("imagefolder"), splits, extra)
 
 
-# ---------------------------------------------------------------------------------- CoOp split json
-
-
-def _read_coop_split(split_file: Path, image_dir: Path, data_root: Path) -> tuple[list[str], dict]:
-    """Parse a CoOp split file into class names (label order) and `Example` lists."""
-    try:
-        raw = json.loads(split_file.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"split file {split_file} is not valid JSON ({exc}); download it again") from None
-    if not isinstance(raw, dict) or any(k not in raw for k in SPLIT_NAMES):
-        found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-        raise DataError(f"split file {split_file} must be an object with keys 'train', 'val', 'test'; "
-                        f"found {found}; download it again")
-    label_to_name: dict[int, str] = {}
-    name_to_label: dict[str, int] = {}
-    splits: dict[str, list[Example]] = {}
-    for split in SPLIT_NAMES:
-        entries = raw[split]
-        if not isinstance(entries, list):
-            raise DataError(f"split file {split_file}: '{split}' must be a list of [impath, label, classname]")
-        examples = []
-        for i, entry in enumerate(entries):
-            where = f"split file {split_file}: '{split}' entry {i}"
-            if (not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str)
-                    or not isinstance(entry[1], int) or isinstance(entry[1], bool)
-                    or not isinstance(entry[2], str)):
-                raise DataError(f"{where} is {entry!r}; expected [impath: str, label: int, classname: str]")
-            impath, label, classname = entry
-            if label < 0 or not impath or Path(impath).is_absolute() or ".." in Path(impath).parts:
-                raise DataError(f"{where} is {entry!r}; expected a relative image path and a label >= 0")
-            if label_to_name.setdefault(label, classname) != classname:
-                raise DataError(f"{where}: label {label} is named {classname!r} here but "
-                                f"{label_to_name[label]!r} before; fix the split file")
-            if name_to_label.setdefault(classname, label) != label:
-                raise DataError(f"{where}: class {classname!r} has label {label} here but "
-                                f"{name_to_label[classname]} before; fix the split file")
-            path = image_dir / impath
-            examples.append(Example(source_id=path.relative_to(data_root).as_posix(), label=label, path=path))
-        splits[split] = examples
-    missing = sorted(set(range(len(label_to_name))) - set(label_to_name))
-    if missing:
-        raise DataError(f"split file {split_file}: labels must be 0..M-1 but label {missing[0]} never "
-                        f"occurs (largest is {max(label_to_name)}); fix the split file")
-    if not splits["train"] or not splits["test"]:
-        raise DataError(f"split file {split_file} has an empty 'train' or 'test' list; download it again")
-    classnames = [label_to_name[i].replace("_", " ") for i in range(len(label_to_name))]
-    return classnames, splits
-
-
-def make_coop_loader(name: str) -> Callable[..., Dataset]:
-    folder, images, split_name = COOP_LAYOUTS[name]
-
-    def load(data_root: Path) -> Dataset:
-        image_dir = data_root / images
-        split_file = data_root / folder / split_name
-        layout = f"expected <data root>/{images}/<impath> and <data root>/{folder}/{split_name}"
-        if not image_dir.is_dir():
-            raise DataError(f"{name}: image folder {image_dir} not found; {layout} (see {COOP_DATASETS_DOC})")
-        if not split_file.is_file():
-            raise DataError(f"{name}: split file {split_file} not found; {layout}; {split_name} comes "
-                            f"from CoOp (links in {COOP_DATASETS_DOC})")
-        classnames, splits = _read_coop_split(split_file, image_dir, data_root)
-        digest = hashlib.sha256(split_file.read_bytes()).hexdigest()[:16]
-        extra = {"split_file": split_name, "split_sha256": digest}
-        return Dataset(name, classnames, get_templates(name), splits, extra)
-
-    load.__name__ = f"load_{name}"
-    return load
-
-
 # ------------------------------------------------------------------------------------------ registry
 
 
@@ -242,8 +158,8 @@ def _file_entries() -> dict[str, DatasetInfo]:
     entries = {"imagefolder": DatasetInfo(
         "imagefolder", "a folder of class subfolders (optionally under train/, val/, test/)", True,
         load_imagefolder)}
-    for name, (_, images, split_name) in COOP_LAYOUTS.items():
-        entries[name] = DatasetInfo(name, f"CoOp layout: {images}/ and {split_name}", True, make_coop_loader(name))
+    for name, layout in COOP_LAYOUTS.items():
+        entries[name] = DatasetInfo(name, layout.describe(), True, make_coop_loader(name))
     return entries
 
 
@@ -275,6 +191,59 @@ def _check_options(name: str, fn: Callable, options: dict, skip: int) -> None:
                           f"its options are: {', '.join(accepted) or 'none'}")
 
 
+def _normal(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def close_names(name: str, known: list[str]) -> list[str]:
+    """Registry names that `name` probably meant: the same letters and digits as a registry name,
+    CoOp's name of a dataset (`DescribableTextures`, `FGVCAircraft`) or its folder (`food-101`),
+    else the closest spellings."""
+    aliases = {_normal(n): n for n in known}
+    for layout in COOP_LAYOUTS.values():
+        aliases.setdefault(_normal(layout.coop_name), layout.name)
+        aliases.setdefault(_normal(layout.folder), layout.name)
+    aliases.setdefault("flowers102", "oxford_flowers")
+    exact = aliases.get(_normal(name))
+    if exact in known:
+        return [exact]
+    key = _normal(name)
+    prefixed = [a for a in aliases if (len(key) >= 3 and a.startswith(key)) or (len(key) >= 4 and key in a)]
+    spelled = difflib.get_close_matches(key, list(aliases), n=3, cutoff=0.6)
+    return list(dict.fromkeys(aliases[a] for a in [*prefixed, *spelled] if aliases[a] in known))[:3]
+
+
+def unknown_dataset(name: str, registry: Mapping[str, DatasetInfo] | None = None) -> ConfigError:
+    """The error for a name that is not in the registry, with the names it probably meant."""
+    known = list(registry if registry is not None else get_registry())
+    close = close_names(name, known)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return ConfigError(f"unknown dataset {name!r}{hint}; known datasets: {', '.join(known)} "
+                       "(`skipcache datasets` describes them)")
+
+
+def dataset_status(name: str, data_root: Path | str | None = None) -> tuple[bool | None, str]:
+    """Whether a dataset is found under the data root, from a cheap look (no listing).
+
+    Returns:
+        (None, "built in") for procedural datasets; (True, "") when the layout's files are
+        there; (False, what is missing) otherwise.
+    """
+    registry = get_registry()
+    if name not in registry:
+        raise unknown_dataset(name, registry)
+    if not registry[name].needs_root:
+        return None, "built in"
+    root = resolve_data_root(data_root)
+    if root is None:
+        return False, "no data root"
+    if not root.is_dir():
+        return False, f"data root {root} is not a folder"
+    if name == "imagefolder":
+        return None, "the data root itself"
+    return presence(name, root)
+
+
 def resolve_data_root(data_root: Path | str | None) -> Path | None:
     """The data root from the argument, else from `$SKIPCACHE_DATA`, else None."""
     if data_root is None or str(data_root) == "":
@@ -298,8 +267,7 @@ def get_dataset(name: str, data_root: Path | str | None = None, **options) -> Da
     """
     registry = get_registry()
     if name not in registry:
-        hint = f" ({name} is not supported: its CoOp layout differs)" if name in NOT_SUPPORTED else ""
-        raise ConfigError(f"unknown dataset {name!r}{hint}; known datasets: {', '.join(registry)}")
+        raise unknown_dataset(name, registry)
     info = registry[name]
     if not info.needs_root:
         return info.loader(None, **options)

@@ -5,9 +5,19 @@
   of the base / new classes.
 - `classes="all"` (few-shot): `train` is K shots per class, `test` the whole test split.
 
-K-shot sampling depends only on (seed, class label, the class's source ids): each class's images
-are sorted by `source_id` and drawn with a generator seeded by (seed, label), so listing order and
-the other classes never change which images a class gets.
+Two K-shot samplers (`SAMPLERS`):
+
+- `stable` (the default): a class's picks depend only on (seed, its label, its source ids): its
+  images are sorted by `source_id` and drawn with a generator seeded by (seed, label), so listing
+  order, file system and the other classes never change which images a class gets.
+- `coop`: CoOp's picks, image for image (Dassl's `generate_fewshot_dataset` after CoOp's
+  `set_random_seed(seed)`): one Python `random.Random(seed)` stream; the labels are visited in
+  the order they first appear in the train split, and each takes `random.sample(its items in
+  split order, K)` (all of them when it has at most K). Every class is sampled, then the
+  protocol keeps its classes, as CoOp samples before it splits base from new. The picks follow
+  the split's listing order: for split-file datasets (and FGVC-Aircraft's text files) that order
+  is CoOp's; for folder-listed datasets (ImageNet) CoOp lists in `os.listdir` order and skipcache
+  in sorted order, so picks match only where the two agree.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import hashlib
 import json
 import math
 import numbers
+import random
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +35,8 @@ from skipcache.data.base import Dataset, Example
 from skipcache.errors import ConfigError, DataError
 
 PROTOCOLS = ("base", "all")
+SAMPLERS = ("stable", "coop")
+DEFAULT_SAMPLER = "stable"
 # Bump when the sampling algorithm changes: task fingerprints (and cache keys) change with it.
 SAMPLER_VERSION = 1
 
@@ -67,6 +80,8 @@ class Task:
         splits: split name to `TaskSplit`.
         short_classes: global label to the number of training images of each class that had
             fewer than `shots` (all of them were taken).
+        sampler: the K-shot sampler, `stable` or `coop` (see the module doc).
+        remarks: other notes about the task (a test-only dataset used for training...).
     """
 
     dataset_name: str
@@ -78,6 +93,8 @@ class Task:
     seed: int
     splits: dict[str, TaskSplit]
     short_classes: dict[int, int] = field(default_factory=dict)
+    sampler: str = DEFAULT_SAMPLER
+    remarks: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -85,14 +102,15 @@ class Task:
 
     @property
     def notes(self) -> list[str]:
-        """Human-readable remarks about the sampling (classes short of `shots`)."""
+        """Human-readable remarks about the sampling (classes short of `shots`) and the task."""
         return [f"class {label} ({self.classnames[label]!r}) has only {n} training images; "
-                f"took all of them instead of {self.shots}" for label, n in sorted(self.short_classes.items())]
+                f"took all of them instead of {self.shots}" for label, n in sorted(self.short_classes.items())
+                ] + list(self.remarks)
 
     def fingerprint(self) -> str:
         """A short hash of the dataset fingerprint, the protocol, shots, seed and split membership."""
         h = hashlib.sha256()
-        head = [self.dataset_fingerprint, self.protocol, self.shots, self.seed, SAMPLER_VERSION]
+        head = [self.dataset_fingerprint, self.protocol, self.shots, self.seed, SAMPLER_VERSION, self.sampler]
         h.update(json.dumps(head).encode())
         for name in sorted(self.splits):
             split = self.splits[name]
@@ -149,11 +167,38 @@ def sample_shots(examples: list[Example], classes: list[int], shots: int | None,
     return chosen, short
 
 
+def sample_shots_coop(examples: list[Example], classes: list[int], shots: int | None,
+                      seed: int) -> tuple[list[Example], dict[int, int]]:
+    """CoOp's K-shot picks (see the module doc), restricted to `classes`.
+
+    Returns:
+        The chosen examples of `classes` in CoOp's order (labels by first appearance, each
+        label's picks in draw order), and the classes of `classes` that had fewer than `shots`
+        examples with their counts.
+    """
+    by_label: dict[int, list[Example]] = {}
+    for ex in examples:
+        by_label.setdefault(ex.label, []).append(ex)  # insertion order = first appearance
+    keep = set(classes)
+    short = {label: len(by_label.get(label, [])) for label in classes
+             if shots is not None and len(by_label.get(label, [])) < shots}
+    if shots is None:
+        return [ex for ex in examples if ex.label in keep], short
+    rng = random.Random(seed)  # what random.seed(seed) does to the global stream
+    chosen: list[Example] = []
+    for label, items in by_label.items():
+        picked = rng.sample(items, shots) if len(items) >= shots else items
+        if label in keep:
+            chosen.extend(picked)
+    return chosen, short
+
+
 def _is_count(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
-def build_task(dataset: Dataset, *, shots: int | None, seed: int, classes: str = "base") -> Task:
+def build_task(dataset: Dataset, *, shots: int | None, seed: int, classes: str = "base",
+               sampler: str = DEFAULT_SAMPLER) -> Task:
     """Build the train/test splits of a protocol from a dataset.
 
     Args:
@@ -161,13 +206,17 @@ def build_task(dataset: Dataset, *, shots: int | None, seed: int, classes: str =
         shots: images per class for `train`; None or 0 take every training image.
         seed: sampling seed (>= 0).
         classes: `base` (base-to-new: `train`, `test_base`, `test_new`) or `all` (`train`, `test`).
+        sampler: `stable` (the default) or `coop` (CoOp's picks); see the module doc.
 
     Raises:
-        ConfigError: unknown protocol, negative shots or seed, base-to-new with fewer than 2 classes.
+        ConfigError: unknown protocol or sampler, negative shots or seed, base-to-new with fewer
+            than 2 classes.
         DataError: the dataset lacks a `train` or `test` split, or has out-of-range labels.
     """
     if classes not in PROTOCOLS:
         raise ConfigError(f"unknown class protocol {classes!r}; use 'base' (base-to-new) or 'all' (few-shot)")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown few-shot sampler {sampler!r}; use one of: {', '.join(SAMPLERS)}")
     if shots is not None and not _is_count(shots):
         raise ConfigError(f"shots must be a whole number >= 0 (0 = all images), got {shots!r}")
     if not _is_count(seed):
@@ -184,12 +233,17 @@ def build_task(dataset: Dataset, *, shots: int | None, seed: int, classes: str =
                 raise DataError(f"dataset {dataset.name!r} split {split_name!r} example {i} "
                                 f"({ex.source_id}) has label {ex.label}, outside 0..{m - 1}")
     train, test = dataset.splits["train"], dataset.splits["test"]
+    sample = sample_shots_coop if sampler == "coop" else sample_shots
+    remarks = []
+    if dataset.fingerprint_extra.get("test_only"):
+        remarks.append(f"{dataset.name} is a test-only dataset: its train split is its test split (as in CoOp); "
+                       "use it as an evaluation target (`skipcache eval RUN --store`, a pipeline [[target]])")
     if classes == "base":
         if m < 2:
             raise ConfigError(f"base-to-new needs at least 2 classes; dataset {dataset.name!r} has {m}; "
                               "use classes='all'")
         base, new = split_base_new(m)
-        train_examples, short = sample_shots(train, base, shots, seed)
+        train_examples, short = sample(train, base, shots, seed)
         splits = {
             "train": _make_split("train", train_examples, base),
             "test_base": _make_split("test_base", _restrict(test, base), base),
@@ -197,7 +251,7 @@ def build_task(dataset: Dataset, *, shots: int | None, seed: int, classes: str =
         }
     else:
         every = list(range(m))
-        train_examples, short = sample_shots(train, every, shots, seed)
+        train_examples, short = sample(train, every, shots, seed)
         splits = {
             "train": _make_split("train", train_examples, every),
             "test": _make_split("test", list(test), every),
@@ -212,4 +266,6 @@ def build_task(dataset: Dataset, *, shots: int | None, seed: int, classes: str =
         seed=seed,
         splits=splits,
         short_classes=short,
+        sampler=sampler,
+        remarks=remarks,
     )

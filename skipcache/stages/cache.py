@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from skipcache.data import Task, build_task, get_dataset, load_image
 from skipcache.data.registry import get_registry
+from skipcache.data.splits import DEFAULT_SAMPLER, SAMPLERS
+from skipcache.data.templates import DEFAULT_TEMPLATE_SET, check_template_set, template_for
 from skipcache.errors import ConfigError
 from skipcache.loading import LoadedModel, load_model, tokenizer_for
 from skipcache.model import DEFAULT_OMEGA, DeepCLIP, ShallowCLIP, split_model
@@ -49,7 +51,11 @@ class CacheConfig:
         classes: `base` (train on the first half of the classes; test on base and new) or `all`.
         views: augmented views per training image (1: the plain eval transform).
         dtype: storage dtype of the tokens: float16, bfloat16 or float32.
-        template: prompt template with `{}`; None takes the dataset's default.
+        template: prompt template with `{}`; None takes the template of `templates`.
+        templates: named template set, `coop` (CoOp's per-dataset prompts; the default) or `skipt`
+            (the Skip Tuning authors' prompts); see `skipcache.data.templates`.
+        sampler: few-shot sampler, `stable` (the default) or `coop` (CoOp's picks, image for
+            image); see `skipcache.data.splits`.
         root: store root.
         force: rebuild even if a complete store with this key exists.
         device: auto, cpu, cuda, cuda:N.
@@ -70,6 +76,8 @@ class CacheConfig:
     views: int = 1
     dtype: str = "float16"
     template: str | None = None
+    templates: str = DEFAULT_TEMPLATE_SET
+    sampler: str = DEFAULT_SAMPLER
     root: Path = field(default_factory=default_store_root)
     force: bool = False
     device: str = "auto"
@@ -98,6 +106,9 @@ class CacheConfig:
             raise ConfigError(f"workers must be >= 0 (0: decode images in the main process), got {self.workers}")
         if self.template is not None and "{}" not in self.template:
             raise ConfigError(f"template must contain '{{}}' for the class name, got {self.template!r}")
+        check_template_set(self.templates, None if self.template else self.dataset)
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
 
 
 @dataclass
@@ -141,6 +152,8 @@ def build_key(cfg: CacheConfig, lm: LoadedModel, task: Task, template: str) -> d
         "augment": AUGMENT if cfg.views > 1 else None,
         "views": cfg.views,
         "template": template,
+        "templates": "custom" if cfg.template else cfg.templates,
+        "sampler": cfg.sampler,
         "dtype": cfg.dtype,
     }
 
@@ -208,8 +221,8 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     dataset = get_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options) if info is None or info.needs_root else None
     lm = load_model(cfg.model, cfg.pretrained, seed=cfg.seed)
     dataset = dataset or get_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
-    task = build_task(dataset, shots=cfg.shots, seed=cfg.seed, classes=cfg.classes)
-    template = cfg.template or task.templates[0]
+    task = build_task(dataset, shots=cfg.shots, seed=cfg.seed, classes=cfg.classes, sampler=cfg.sampler)
+    template = cfg.template or template_for(cfg.templates, cfg.dataset, task.templates)
     frozen = FrozenForward(lm, cfg.omega, place)
     key = build_key(cfg, lm, task, template)
     path = store_path(Path(cfg.root), key)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from skipcache.baselines import DEFAULT_METHOD, family_name, get_method
 from skipcache.errors import RunError
 from skipcache.model import DeepCLIP
 from skipcache.rundir import check_compatible, eval_file_name, load_tuned
@@ -47,19 +48,19 @@ class EvalResult:
 
 
 def method_name(omega: int, cskip: bool) -> str:
-    """The method a run with these settings trains: FT (omega 0, every class), LSkip (omega > 0,
-    every class), FT + CSkip (omega 0 with CSkip) or Skip Tuning (omega > 0 with CSkip)."""
-    if omega > 0:
-        return "Skip Tuning" if cskip else "LSkip"
-    return "FT + CSkip" if cskip else "FT"
+    """The method a Skip Tuning run with these settings trains: FT (omega 0, every class), LSkip
+    (omega > 0, every class), FT + CSkip (omega 0 with CSkip) or Skip Tuning (omega > 0 with CSkip)."""
+    return family_name(omega, cskip)
 
 
 def run_method(config: dict, info: dict) -> str:
-    """`method_name` of a finished run, from its config.json (`cskip.enabled`) and the omega of the store
-    it trained on (run.json's `store_key`)."""
+    """The name of the method that trained a finished run: its config.json's `method` (CoOp,
+    CLIP-Adapter, LoRA, Skip Tuning (fast)), and for Skip Tuning and its ablations `method_name`
+    of `cskip.enabled` and the omega of the store it trained on (run.json's `store_key`)."""
     skip = config.get("cskip", True)
     enabled = skip.get("enabled", True) if isinstance(skip, dict) else bool(skip)
-    return method_name(int(info["store_key"]["omega"]), enabled)
+    method = get_method(config.get("method", DEFAULT_METHOD))
+    return method.label(int(info["store_key"]["omega"]), enabled)
 
 
 def harmonic_mean(a: float, b: float) -> float:
@@ -80,7 +81,7 @@ def predict_split(deep: DeepCLIP, store: FeatureStore, split: str, device: torch
     `store.read_text()` already in hand)."""
     text = text or store.read_text()
     classes = torch.as_tensor(store.splits[split].classes)
-    text_feats = deep.encode_text(text["tokens"][classes].to(device), text["eot"][classes].to(device))  # (M_split, E)
+    text_feats = deep.encode_classes(text, classes)  # (M_split, E): cached tokens, learned prompts or prototypes
     logits = []
     for batch in store.iter_batches(split, batch_size, shuffle=False, view=0):
         image = deep.encode_image(batch["vision"].to(device))  # (B, E)

@@ -16,19 +16,20 @@ import json
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from skipcache import cskip, rundir
+from skipcache.baselines import DEFAULT_METHOD, get_method
 from skipcache.errors import ConfigError, IncompleteStore, StoreError
-from skipcache.loading import load_deep_model
-from skipcache.model import DeepCLIP
+from skipcache.loading import model_depth
 from skipcache.placement import Placement, prefetch_to_device
 from skipcache.progress import make_progress
 from skipcache.runtime import default_store_root, library_versions, seed_everything, utc_now
-from skipcache.step import STAT_NAMES, StepTimer, TuneStep, make_optimizer
+from skipcache.step import STAT_NAMES, StepTimer, make_optimizer
 from skipcache.store import FeatureStore, find_stores
 
 
@@ -37,6 +38,15 @@ class TuneConfig:
     """Settings of one tuning run; defaults follow the paper's base-to-new recipe.
 
     Attributes:
+        method: what to train (`skipcache.baselines`): `skip-tuning` (the default: LSkip at the
+            store's omega, CSkip as set here), its ablations `ft` (store at omega 0, no CSkip),
+            `ft-lskip` (omega > 0, no CSkip), `ft-cskip` (omega 0, CSkip), the preset `fast`
+            (omega N - N//4, r = 0.25), and the baselines `coop`, `clip-adapter` and `lora`
+            (CSkip off). The method checks the store's omega and sets `cskip.enabled`. `lr` is
+            the text side's rate and `lr_image` the image side's, whatever the method trains
+            there (CoOp's context is text; CLIP-Adapter's adapter is image).
+        method_options: the method's own settings (`coop`: n_ctx, ctx_init; `clip-adapter`:
+            ratio, reduction; `lora`: rank, alpha); defaults filled in and recorded.
         store: path of the store; None picks the newest complete store under `root` that matches
             `dataset` / `model` / `omega` when given.
         out: run directory; None makes `runs/<dataset>-<model>-omega<w>-<time>`.
@@ -78,6 +88,8 @@ class TuneConfig:
     """
 
     store: Path | None = None
+    method: str = DEFAULT_METHOD
+    method_options: dict = field(default_factory=dict)
     root: Path = field(default_factory=default_store_root)
     dataset: str | None = None
     model: str | None = None
@@ -142,6 +154,11 @@ class TuneConfig:
         check("seed", lambda v: 0 <= v < 2**32, "a whole number in [0, 2**32)", "e.g. 1", whole=True)
         check("omega", lambda v: v >= 0, ">= 0 (a whole number) or unset", "e.g. 6", whole=True, optional=True)
         check("checkpoint_every_s", lambda v: v >= 0, "a finite number of seconds >= 0", "e.g. 60, or 0 for every epoch")
+        method = get_method(self.method)
+        if not isinstance(self.method_options, dict):
+            raise ConfigError(f"method_options must be a table of the method's settings, got {self.method_options!r}")
+        method.resolve_options(self.method_options)
+        method.resolve_cskip(self.cskip)
         if self.out is not None and Path(self.out).is_file():
             raise ConfigError(f"out {self.out} is a file; pass --out a new or empty folder for the run")
         self.cskip_config()
@@ -238,24 +255,27 @@ def _default_out(store: FeatureStore) -> Path:
 class Training:
     """What `setup_training` builds: the model, optimiser and step, and how an epoch is cut."""
 
-    deep: DeepCLIP
+    deep: torch.nn.Module  # the method's model (`skipcache.baselines.base`): a DeepCLIP for Skip Tuning and FT
     optimizer: torch.optim.Optimizer
     generator: torch.Generator | None
-    step: TuneStep
+    step: Callable[[dict], torch.Tensor]  # TuneStep, or the method's own step with its call signature
     lrs: dict[str, float]
     steps_per_epoch: int
     in_memory: dict | None  # the train split, read once, for class batching
+    method_options: dict = field(default_factory=dict)  # as resolved on the model (run.json records them)
 
 
 def setup_training(cfg: TuneConfig, store: FeatureStore, place: Placement) -> Training:
-    """The deep model, its optimiser and the step function for `cfg`, all placed through `place`;
-    the CSkip mode and the batching are fixed here, once, before the loop."""
-    deep = load_deep_model(store, place, cfg.pretrained)
+    """The method's model, its optimiser and its step object for `cfg`, all placed through `place`;
+    the method, the CSkip mode and the batching are fixed here, once, before the loop."""
+    method = get_method(cfg.method)
+    deep, options = method.build(store, place, cfg.pretrained, method.resolve_options(cfg.method_options))
     split = store.splits["train"]
-    text = store.read_text()
+    stored = store.read_text()
     train_classes = torch.as_tensor(split.classes)
-    text = {k: place.tensor(text[k][train_classes]) for k in ("tokens", "eot", "prototypes")}  # (M_train, ...)
-    skip = cfg.cskip_config()
+    text = {k: place.tensor(stored[k][train_classes]) for k in ("tokens", "eot", "prototypes")}  # (M_train, ...)
+    text["classnames"] = [stored["classnames"][c] for c in split.classes]
+    skip = method.resolve_cskip(cfg.cskip_config())
     lrs = {"vision": cfg.lr_image or cfg.lr / 4, "text": cfg.lr}
     optimizer = make_optimizer(deep.layer_groups(), lrs, momentum=cfg.momentum, weight_decay=cfg.weight_decay, placement=place)
     generator = place.generator(cfg.seed)
@@ -269,9 +289,9 @@ def setup_training(cfg: TuneConfig, store: FeatureStore, place: Placement) -> Tr
     if skip.enabled and skip.variant == "paper-code" and skip.subset == "image":
         whole = in_memory or store.read_split("train", include_vision=False)
         fixed = cskip.fixed_masks(place.tensor(whole["zeroshot_rank"]), place.tensor(whole["labels"]), skip, generator)
-    step = TuneStep(deep, text, skip, rank=cfg.rank, batch_size=cfg.batch_size, optimizer=optimizer,
-                    placement=place, generator=generator, fixed_masks=fixed)
-    return Training(deep, optimizer, generator, step, lrs, steps_per_epoch, in_memory)
+    step = method.make_step(deep, text, skip, rank=cfg.rank, batch_size=cfg.batch_size, optimizer=optimizer,
+                            placement=place, generator=generator, fixed_masks=fixed)
+    return Training(deep, optimizer, generator, step, lrs, steps_per_epoch, in_memory, options)
 
 
 def run_tune(cfg: TuneConfig) -> TuneResult:
@@ -284,6 +304,9 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
     store = rundir.resume_store(cfg) or resolve_store(cfg)
     if "train" not in store.splits:
         raise StoreError(f"store {store.path} has no train split")
+    method = get_method(cfg.method)
+    method.check_omega(int(store.key["omega"]), model_depth(str(store.key["model"])))
+    cfg = replace(cfg, cskip=method.resolve_cskip(cfg.cskip), method_options=method.resolve_options(cfg.method_options))
     out = Path(cfg.out) if cfg.out else _default_out(store)
     run = rundir.open_for_tune(cfg, store, out)  # refuses, restarts or resumes; locks; writes config.json
     if run.finished:  # --resume of a finished run: nothing to train, its record stays as written
@@ -340,7 +363,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
                 "train_acc": 100 * t["correct"] / max(1, t["images"]),
                 "classes_kept_per_image": t["kept"] / max(1, t["images"]),
                 "text_classes_per_step": t["classes"] / steps_done,
-                "lr_text": optimizer.param_groups[1]["lr"],
+                "lr_text": next((g["lr"] for g in optimizer.param_groups if g["name"] == "text"), optimizer.param_groups[0]["lr"]),
                 "time_utc": utc_now(),
             }
             history.append(row)
@@ -368,7 +391,8 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         "epochs": cfg.epochs, "library_versions": library_versions(), "device": str(device), "finished_utc": utc_now(),
         "seconds": result.seconds, "step_time_median_s": result.step_time_median_s,
         "peak_memory_mib": peak_mib, "peak_memory_method": method,
-        "trainable_parameters": sum(p.numel() for p in deep.parameters()),
+        "trainable_parameters": sum(p.numel() for p in deep.parameters() if p.requires_grad),
+        "method": cfg.method, "method_options": setup.method_options,
         "steps": len(step_times), "phases_s": phases, "placement": place.describe(),
     })
     return result

@@ -11,7 +11,11 @@ these splits. A task is a class set (`CLASS_SETS`) rendered in a domain:
   domain of `synthetic` but name other attributes, so a model adapted on `synthetic` can be tested
   across class sets (CoOp's cross-dataset protocol). Their class names use only words the
   pretraining captions produce (`captions.caption_vocabulary`), and each attribute a class names
-  is drawn well inside the bucket that the captions' wording uses (`size_word`, `position_phrase`).
+  is drawn well inside the bucket that the captions' wording uses (`size_word`, `position_phrase`);
+- `synthetic-shades` is the base-to-new task: 50 colour-shape classes, colour-major, whose colours
+  this task draws in its own shades (`SHADE_TOWARDS`). Its base half (red to cyan) and new half
+  (blue to white) name different colours, so what tuning learns about the base classes' shades
+  says nothing about the new classes' (docs/results.md argues the design).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 
 from skipcache.synthworld.captions import colour_shape_classnames, position_phrase
-from skipcache.synthworld.render import COLOURS, SHAPES, TEXTURES, Scenes, render, sample_scenes
+from skipcache.synthworld.render import COLOUR_RGB, COLOURS, SHAPES, TEXTURES, Scenes, render, sample_scenes
 
 # Bump when a change to render.py, sampling or this module changes any pixel of a split.
 RENDER_VERSION = 2  # 2: every (task, split, seed) gets its own generator seed
@@ -37,6 +41,14 @@ SIZE_RANGES = {"small": (0.18, 0.26), "medium": (0.33, 0.42), "large": (0.50, 0.
 GRID_CELLS = [(r, c) for r in (1, 0, -1) for c in (-1, 0, 1)]
 POSITION_WORDS = [position_phrase(0.6 * c, 0.6 * r) for r, c in GRID_CELLS]  # "in the top left", ...
 _CELL_OFFSET, _CELL_JITTER, _POSITION_SIZE = 0.55, 0.12, (0.20, 0.30)  # |centre| in 0.43..0.67 off-centre
+# `synthetic-shades`: its shapes, and each colour's shade, SHADE_SHIFT of the way (in RGB) towards
+# another colour. Every colour moves in its own direction and by its own amount, so the shades are
+# class-specific cues, not one shift shared by all classes.
+SHADE_SHAPES = SHAPES[:5]
+SHADE_TOWARDS = {"red": "orange", "orange": "yellow", "yellow": "green", "green": "cyan", "cyan": "blue",
+                 "blue": "purple", "purple": "pink", "pink": "white", "brown": "red", "white": "cyan"}
+SHADE_SHIFT = 0.4
+_MIN_CONTRAST = 0.45  # as `render.sample_scenes`: a background this close to the object is replaced
 
 
 # ----------------------------------------------------------------------------- class sets
@@ -88,6 +100,21 @@ def _position_shape_scenes(labels: torch.Tensor, g: torch.Generator, domain: str
     return scenes
 
 
+def _shaded_colour_shape_scenes(labels: torch.Tensor, g: torch.Generator, domain: str) -> Scenes:
+    """Colour-shape scenes (label = colour_id * len(SHADE_SHAPES) + shape_id) in the task's shades."""
+    colour, shape = labels // len(SHADE_SHAPES), labels % len(SHADE_SHAPES)
+    scenes = sample_scenes(len(labels), g, domain, classes=colour * len(SHAPES) + shape)
+    towards = torch.tensor([COLOURS.index(SHADE_TOWARDS[c]) for c in COLOURS])  # (10,)
+    offset = SHADE_SHIFT * (COLOUR_RGB[towards] - COLOUR_RGB)  # (10, 3)
+    scenes.tint = scenes.tint + offset[colour]
+    # The background was kept apart from the named colour; keep it apart from the shade drawn.
+    obj = (COLOUR_RGB[colour] + scenes.tint).clamp(0, 1)  # (N, 3)
+    near = (scenes.bg_rgb - obj[:, None, :]).norm(dim=-1, keepdim=True) < _MIN_CONTRAST  # (N, 2, 1)
+    complement = (1.0 - obj[:, None, :]) * 0.8 + 0.1  # (N, 1, 3)
+    scenes.bg_rgb = torch.where(near, complement.expand_as(scenes.bg_rgb), scenes.bg_rgb)
+    return scenes
+
+
 def _shape_scenes(labels: torch.Tensor, g: torch.Generator, domain: str) -> Scenes:
     return _random_colour_scenes(labels, g, domain)
 
@@ -115,6 +142,8 @@ CLASS_SETS: dict[str, ClassSet] = {
     "texture-shape": ClassSet(tuple(f"{t} {s}" for t in TEXTURES for s in SHAPES), _texture_shape_scenes),
     "size-shape": ClassSet(tuple(f"{z} {s}" for z in SIZE_RANGES for s in SHAPES), _size_shape_scenes),
     "position-shape": ClassSet(tuple(f"{s} {p}" for p in POSITION_WORDS for s in SHAPES), _position_shape_scenes),
+    "shaded-colour-shape": ClassSet(tuple(f"{c} {s}" for c in COLOURS for s in SHADE_SHAPES),
+                                    _shaded_colour_shape_scenes),
     "shape": ClassSet(tuple(SHAPES), _shape_scenes),
     "colour": ClassSet(tuple(COLOURS), _colour_scenes),
 }
@@ -165,6 +194,9 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("synthetic-shapes", "shifted", "10 shape classes; any colour", classes="shape"),
         TaskSpec("synthetic-colours", "shifted", "10 colour classes; any shape", classes="colour",
                  templates=("a photo of a {} shape.", "a {} shape.", "the shape is {}.", "{}")),
+        TaskSpec("synthetic-shades", "palette",
+                 "50 colour-shape classes drawn in the task's own shade of each colour; base and new name different colours",
+                 classes="shaded-colour-shape"),
     ]
 }
 
