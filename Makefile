@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast demo benchmark gpu-check tiny-clip clean
+.PHONY: install test test-fast demo benchmark benchmark-components gpu-check tiny-clip clean
 
 install: $(VENV)/.installed
 
@@ -25,14 +25,22 @@ test-fast: install       ## unit tests only
 demo: install            ## cache -> tune -> eval on the built-in synthetic base-to-new task
 	$(VENV)/bin/skipcache run pipelines/demo.toml
 
-benchmark: install       ## time and memory: FT vs LSkip vs LSkip+CSkip, cache stage, store reads
-	$(PY) -m skipcache.bench --model ViT-B-16 --out build/benchmark.json
+benchmark: install $(VENV)/.bench-installed  ## every method on one workload (ViT-B/16, CPU; <= 15 min on 2 cores): report, JSON, plots in build/bench/cpu
+	$(VENV)/bin/skipcache bench --preset cpu --out build/bench/cpu
+
+$(VENV)/.bench-installed: pyproject.toml   # matplotlib, for the plots: only the benchmark needs it
+	$(PIP) install -q -e '.[bench]'
+	touch $@
+
+benchmark-components: install  ## the tune step vs conventional FT, cache-stage and store throughput
+	$(PY) -m skipcache.bench.components --model ViT-B-16 --out build/benchmark-components.json
 
 # On a GPU machine. Installs nothing: pass a Python that already has the dependencies, e.g.
 # `make gpu-check PY=python3`. Under 5 minutes on one H200; the report lands in build/gpu-check/.
 gpu-check:               ## CUDA tests, the demo on CUDA, ViT-B-16 FT vs Skip Tuning step and tune-stage costs
 	$(PY) -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py
-	$(PY) -m skipcache run pipelines/demo.toml --device cuda --out build/gpu-check/demo
+	rm -rf build/gpu-check/demo build/gpu-check/store   # fresh: cache and tune on CUDA, nothing read back
+	$(PY) -m skipcache run pipelines/demo.toml --device cuda --out build/gpu-check/demo --root build/gpu-check/store
 	$(PY) -m skipcache.bench.gpu_check --out build/gpu-check
 
 tiny-clip: install       ## re-pretrain the shipped synth-vit weights from scratch (GPU: ~8 min)

@@ -476,6 +476,33 @@ def run(
     out.print(f"results: {result['out']}/results.md, results.csv, results.json", markup=False, highlight=False)
 
 
+@app.command()
+@handle_errors
+def bench(
+    preset: str = typer.Option("cpu", "--preset", help="tiny (a smoke run), cpu (ViT-B/16 on the CPU, `make benchmark`) or gpu (the paper's settings)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder for bench.json, report.md and the plots (default: build/bench/<preset>)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated methods (default: every one)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads in each measuring process (default: torch's)."),
+    no_sweeps: bool = typer.Option(False, "--no-sweeps", help="Skip the cost-vs-classes and cost-vs-omega sweeps."),
+    no_accuracy: bool = typer.Option(False, "--no-accuracy", help="Skip training every method for accuracy."),
+    device: str = DeviceOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON document on stdout (progress on stderr)."),
+):
+    """Every training method on one workload: time, memory and accuracy, beside the paper's Tables 4 and 5."""
+    from skipcache.bench.__main__ import main as bench_main
+
+    if preset not in ("tiny", "cpu", "gpu"):
+        raise ConfigError(f"--preset must be tiny, cpu or gpu, got {preset!r}")
+    argv = ["--preset", preset, "--device", _device(device)]
+    argv += ["--out", str(out_dir)] if out_dir is not None else []
+    argv += ["--only", only] if only else []
+    argv += ["--threads", str(threads)] if threads else []
+    argv += ["--no-sweeps"] * no_sweeps + ["--no-accuracy"] * no_accuracy + ["--json"] * as_json
+    code = bench_main(argv)
+    if code:
+        raise typer.Exit(code)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("root").setLevel(logging.ERROR)

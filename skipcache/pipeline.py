@@ -18,7 +18,7 @@ A pipeline file holds:
                                     `omega` and `shots` override [cache] for this method (another
                                     store is cached for it: omega = 0 with cskip = false is FT)
 
-Without a [grid], a file is one cell: [cache]'s dataset and seed, as before. The grid is the
+Without a [grid], a file is one cell: [cache]'s dataset and seed. The grid is the
 product dataset x shots x seed; every cell runs every method. A grid axis may not also be set in
 [cache] or by a method (`seed` and `shots`): the grid sets it for every run.
 
@@ -29,8 +29,9 @@ pipeline into the same folder again recomputes nothing that is done:
 
     - a store is cached once for the settings that determine it and shared by every run that
       needs it (a target's test store at one model and omega serves every tuned model
-      evaluated on it, whatever the seed); `stores.json` in the output folder remembers them
-      across invocations, so a re-run does not even load the model to find them;
+      evaluated on it, whatever the seed, unless the weights are a seeded random init);
+      `stores.json` in the output folder remembers them across invocations, so a re-run does
+      not even load the model to find them;
     - a finished run (run.json complete) whose record matches is read back, not retrained; a
       finished run without a record is evaluated (`evaluate_stores`), not retrained;
     - a run with a checkpoint is resumed (`TuneConfig.resume`), one started without a

@@ -339,3 +339,34 @@ def test_tune_method_on_the_command_line(tmp_path, stores):
     assert json.loads(shown.stdout)["method"] == "CLIP-Adapter"
     bad = runner.invoke(app, ["tune", str(stores[3]), "--method", "ft", "--out", str(tmp_path / "x"), "--device", "cpu"])
     assert bad.exit_code != 0 and "error: method 'ft' trains every block" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------ resume
+
+
+@pytest.mark.parametrize("method", ["lora", "coop", "clip-adapter"])
+def test_an_interrupted_baseline_resumes_to_the_same_weights(tmp_path, stores, monkeypatch, method):
+    """Killed right after its first checkpoint, the run continues from it (the method's own
+    weights and the optimizer's momentum) to the bytes of an uninterrupted twin."""
+    from safetensors.torch import load_file
+
+    from skipcache import rundir
+
+    store = stores[OMEGA[method]]
+    twin = tune(store, tmp_path / "twin", method, epochs=3, checkpoint_every_s=0).run_dir
+    save = rundir.TuneRun.save_checkpoint
+
+    def save_then_die(self, epoch, *args, **kwargs):
+        save(self, epoch, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rundir.TuneRun, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        tune(store, tmp_path / "run", method, epochs=3, checkpoint_every_s=0)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["epoch"] == 1
+    resumed = tune(store, tmp_path / "run", method, epochs=3, checkpoint_every_s=0, resume=True).run_dir
+    ours, theirs = load_file(resumed / "deep.safetensors"), load_file(twin / "deep.safetensors")
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k

@@ -1,22 +1,143 @@
-"""Smoke test of `python -m skipcache.bench --quick`: every configuration runs and reports.
-
-Speed and memory are measured by `make benchmark`, never asserted here beyond being positive.
+"""The benchmarks' output, never their speed: `skipcache bench --preset tiny` reports every method
+with the schema the report and the docs rely on; `python -m skipcache.bench.components --quick`
+reports every configuration. No timing assertion beyond a number being positive.
 """
 
+import builtins
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from skipcache.bench import CONFIGS, TRAIN_CONFIGS
+from skipcache.bench.methods import METHOD_ORDER, PAPER, PRESETS, TRAINABLE, method_omega
+from skipcache.bench.report import render_markdown, write_plots
+
+SKIPCACHE_BIN = Path(sys.executable).with_name("skipcache")
+METHOD_KEYS = {"name", "label", "step_time_s", "epoch_time_s", "steps_per_epoch", "peak_memory_mib", "memory_method",
+               "trainable_params", "accuracy", "omega", "paper", "text_classes_per_step", "weights_mib"}
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_tiny")
+    proc = subprocess.run([str(SKIPCACHE_BIN), "bench", "--preset", "tiny", "--device", "cpu", "--threads", "1", "--json",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(proc.stdout), proc
 
 
 @pytest.mark.slow
-def test_quick_benchmark_reports_every_configuration(tmp_path):
+def test_tiny_preset_reports_every_method(tiny_report):
+    out, report, proc = tiny_report
+    assert json.loads((out / "bench.json").read_text()) == report  # --json prints what it writes
+    assert report["meta"]["preset"] == "tiny" and report["config"]["cost"]["model"] == "tiny"
+    assert {"device", "device_name", "python", "versions", "date_utc"} <= set(report["machine"])
+    assert report["machine"]["versions"]["torch"]
+    methods = {r["name"]: r for r in report["methods"]}
+    assert list(methods) == list(METHOD_ORDER)
+    for name, r in methods.items():
+        assert "error" not in r, f"{name}: {r.get('error')}"
+        assert METHOD_KEYS <= set(r), f"{name} lacks {METHOD_KEYS - set(r)}"
+        assert r["step_time_s"] > 0 and r["peak_memory_mib"] > 0 and r["trainable_params"] > 0
+        assert r["epoch_time_s"] == pytest.approx(r["step_time_s"] * r["steps_per_epoch"])
+        assert r["memory_method"].startswith("CPU:")
+        assert r["paper"] == PAPER.get(name)
+        if name in TRAINABLE:
+            assert set(r["accuracy"]) == {"base", "new", "H"}, name
+            assert all(0 <= v <= 100 for v in r["accuracy"].values())
+            assert "accuracy_error" not in r
+        else:
+            assert r["accuracy"] is None  # the authors' schedule: cost only
+    # each method ran at its own omega: FT and LoRA every block, CoOp and CLIP-Adapter none
+    depth = report["meta"]["model_depth"]
+    assert {n: methods[n]["omega"] for n in TRAINABLE} == {n: method_omega(n, depth) for n in TRAINABLE}
+    # what each method trains, as the paper describes them
+    p = {n: methods[n]["trainable_params"] for n in methods}
+    assert p["coop"] < p["clip-adapter"] < p["lora"] < p["skip-tuning"] < p["ft"] == p["ft-cskip"]
+    assert p["fast"] < p["skip-tuning"] == p["ft-lskip"] == p["paper-schedule"]
+    assert methods["ft"]["time_vs_ft"] == 1.0 and methods["skip-tuning"]["paper_time_vs_ft"] == pytest.approx(239 / 1002)
+    assert report["accuracy_task"]["converged"] is False and set(report["accuracy_task"]["zeroshot"]) >= {"base", "new", "H"}
+    sweeps = report["sweeps"]
+    assert [(r["method"], r["classes"]) for r in sweeps["classes"]] == [("skip-tuning", 10), ("skip-tuning", 100)]
+    assert [(r["method"], r["omega"]) for r in sweeps["omega"]] == [("skip-tuning", 0), ("skip-tuning", 6)]
+    assert all(r["step_time_s"] > 0 for rows in sweeps.values() for r in rows)
+    md = (out / "report.md").read_text()
+    assert "Table 4 layout" in md and "Table 5 layout" in md and "torchinfo estimate" in md
+    assert "| Skip Tuning |" in md and "| 239 | 404 |" in md and "| CoOp |" in md
+    plots = report["plots"]
+    assert plots.get("files") or plots.get("skipped")
+    for f in plots.get("files", []):
+        assert Path(f).stat().st_size > 0
+
+
+def _fake_report() -> dict:
+    rows = []
+    for i, name in enumerate(METHOD_ORDER):
+        rows.append({"name": name, "label": name.upper(), "step_time_s": 1.0 + i, "epoch_time_s": 100.0 + i, "steps_per_epoch": 100,
+                     "peak_memory_mib": 500.0 + i, "memory_method": "CPU: counted", "trainable_params": 1000 * (i + 1),
+                     "accuracy": {"base": 90.0, "new": 80.0, "H": 84.7} if name in TRAINABLE else None,
+                     "paper": PAPER.get(name), "time_vs_ft": 1.0, "memory_vs_ft": 1.0,
+                     "paper_time_vs_ft": PAPER[name]["time_s"] / 1002 if name in PAPER else None,
+                     "paper_memory_vs_ft": PAPER[name]["memory_mb"] / 1846 if name in PAPER else None})
+    sweep = [{"method": "ft", "classes": c, "step_time_s": 0.1 * c, "epoch_time_s": c, "peak_memory_mib": c,
+              "text_classes_per_step": c} for c in (10, 100)]
+    return {"meta": {"preset": "cpu", "description": "test", "total_s": 1.0},
+            "config": {"cost": {"model": "ViT-B-16", "classes": 50, "shots": 16, "batch_size": 4, "warmup": 1, "steps": 2}},
+            "machine": {"device_name": "test CPU"}, "methods": rows,
+            "sweeps": {"classes": sweep, "omega": [dict(r, omega=r["classes"]) for r in sweep]},
+            "accuracy_task": {"model": "synth-vit", "pretrained": "synth", "dataset": "synthetic-noise", "shots": 16, "epochs": 5,
+                              "batch_size": 16, "converged": True, "zeroshot": {"base": 87.8, "new": 76.5, "H": 81.8}}}
+
+
+def test_the_report_puts_the_papers_figures_beside_ours():
+    md = render_markdown(_fake_report())
+    table4 = md.split("### Table 4 layout")[1].split("###")[0]
+    assert [line.split("|")[1].strip() for line in table4.splitlines() if line.startswith("| ") and "method" not in line] == [
+        "FT", "FT-LSKIP", "FT-CSKIP", "SKIP-TUNING"]
+    assert "| 1002 | 1846 | 1.00 | 1.00 |" in table4 and "| 440 | 919 | 0.44 | 0.50 |" in table4
+    table5 = md.split("### Table 5 layout")[1].split("###")[0]
+    assert "| 1186 | 3204 | 1.18 | 1.74 |" in table5 and "| 888 | 1784 | 0.89 | 0.97 |" in table5 and "| 910 | 1580 | 0.91 | 0.86 |" in table5
+    assert "torchinfo estimate" in md and "zero-shot base 87.8" in md
+    assert "### Cost vs classes" in md and "### Cost vs ω" in md
+
+
+def test_plots_are_skipped_with_a_message_without_matplotlib(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert write_plots(_fake_report(), tmp_path) == {"skipped": "matplotlib is not installed (pip install -e '.[bench]')"}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plots_are_written_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    files = write_plots(_fake_report(), tmp_path)["files"]
+    assert sorted(Path(f).name for f in files) == ["cost_vs_classes.png", "cost_vs_omega.png", "time_vs_memory.png"]
+    assert all(Path(f).read_bytes()[:4] == b"\x89PNG" for f in files)
+
+
+def test_presets():
+    assert set(PRESETS) == {"tiny", "cpu", "gpu"}
+    assert PRESETS["cpu"].cost.model == PRESETS["gpu"].cost.model == "ViT-B-16"
+    gpu = PRESETS["gpu"].cost
+    assert (gpu.batch_size, gpu.shots) == (4, 16)  # the paper's recipe
+    assert method_omega("skip-tuning", 12) == 6 and method_omega("fast", 12) == 9 and method_omega("coop", 12) == 12
+    assert method_omega("lora", 12) == method_omega("ft", 12) == 0
+
+
+@pytest.mark.slow
+def test_component_benchmark_reports_every_configuration(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "skipcache.bench", "--quick", "--steps", "1", "--warmup", "0", "--device", "cpu",
+        [sys.executable, "-m", "skipcache.bench.components", "--quick", "--steps", "1", "--warmup", "0", "--device", "cpu",
          "--threads", "1", "--classes", "10", "--json", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )

@@ -466,7 +466,7 @@ def test_every_user_error_class_has_an_exit_code():
 
 # --------------------------------------------------------------------------------- help and lists
 
-COMMANDS = ["cache", "tune", "eval", "inspect", "ls", "verify", "export", "predict", "models", "datasets", "check-data", "run"]
+COMMANDS = ["cache", "tune", "eval", "inspect", "ls", "verify", "export", "predict", "models", "datasets", "check-data", "run", "bench"]
 
 
 def test_top_level_help_names_every_command():

@@ -307,13 +307,16 @@ def test_a_target_store_follows_the_seed_only_for_a_random_init(tmp_path):
     assert {r.targets[0][1]["seed"] for r in plan_runs(load_pipeline(write(tmp_path, body)))} == {1}
 
 
-def test_shipped_synthetic_pipelines_keep_their_single_cell():
-    """The synthetic miniatures still run one cell each (their documented tables), seed 1."""
-    for name in ("demo", "synthetic-xd", "synthetic-dg", "synthetic-omega", "synthetic-fewshot", "cskip-subsets"):
-        runs = plan_runs(load_pipeline(REPO / "pipelines" / f"{name}.toml"))
-        assert {(r.dataset, r.seed) for r in runs} == {("synthetic-noise", 1)}, name
+@pytest.mark.parametrize("path", sorted((REPO / "pipelines").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_pipeline_expands_into_runs_with_folders_of_their_own(path):
+    runs = plan_runs(load_pipeline(path))
+    assert runs and len({r.parts for r in runs}) == len(runs)
+    assert len({(r.dataset, r.shots, r.seed, r.method) for r in runs}) == len(runs)
+
+
+def test_the_synthetic_base_to_new_grid():
     runs = plan_runs(load_pipeline(REPO / "pipelines" / "synthetic-b2n.toml"))
-    assert {(r.dataset, r.seed) for r in runs} == {(d, s) for d in ("synthetic-noise", "synthetic-sketch") for s in (1, 2, 3)}
+    assert {(r.dataset, r.seed) for r in runs} == {(d, s) for d in ("synthetic-noise", "synthetic-palette") for s in (1, 2, 3)}
 
 
 def test_a_grid_axis_set_on_the_command_line(tmp_path):

@@ -1,4 +1,5 @@
-"""The synthetic tasks whose class sets differ from the 100 colour-shape classes (cross-dataset)."""
+"""The synthetic tasks whose class sets differ from the 100 colour-shape classes: the cross-dataset
+targets and `synthetic-shades`, the base-to-new task of the demo."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from skipcache.data import get_dataset, list_datasets
 from skipcache.data.synthetic import SYNTHETIC_TEMPLATES, load_synthetic
 from skipcache.loading import BUILTIN_WEIGHTS, WEIGHTS_DIR, tokenizer_for
 from skipcache.synthworld.captions import caption_vocabulary, position_phrase, size_word
-from skipcache.synthworld.render import COLOURS, SHAPES, TEXTURES
-from skipcache.synthworld.tasks import TASKS, make_scenes, make_split
+from skipcache.synthworld.render import COLOUR_RGB, COLOURS, SHAPES, TEXTURES
+from skipcache.synthworld.tasks import SHADE_SHAPES, SHADE_SHIFT, SHADE_TOWARDS, TASKS, make_scenes, make_split
 from skipcache.synthworld.weights import KEPT_IDS_KEY
 
 NEW_TASKS = {  # task -> number of classes
@@ -25,6 +26,7 @@ NEW_TASKS = {  # task -> number of classes
     "synthetic-positions": 90,
     "synthetic-shapes": 10,
     "synthetic-colours": 10,
+    "synthetic-shades": 50,
 }
 # sha256 prefix of every scene attribute of make_scenes(task, "train", 2, 0): the colour-shape
 # tasks' data must never change without a RENDER_VERSION bump.
@@ -35,6 +37,7 @@ TASK_SCENES_V2 = {  # golden: change only with a RENDER_VERSION bump
     "synthetic-noise": "b8e586bed9215796",
     "synthetic-palette": "474c9c77d5ecbfc0",
 }
+SHADES_SCENES_V2 = "620ee82d302d2f0e"  # golden, as above
 
 
 def _templates(task: str) -> list[str]:
@@ -132,3 +135,41 @@ def test_colour_shape_tasks_scenes_are_pinned_for_render_version_2(task):
         h.update(getattr(sc, f.name).contiguous().numpy().tobytes())
     assert h.hexdigest()[:16] == TASK_SCENES_V2[task]
     assert len(names) == 100 and TASKS[task].templates == () and TASKS[task].classes == "colour-shape"
+
+
+def test_shades_halves_name_different_colours_and_the_same_shapes():
+    names = TASKS["synthetic-shades"].classnames()
+    assert names[:6] == ["red circle", "red square", "red triangle", "red star", "red cross", "orange circle"]
+    base, new = names[:25], names[25:]  # the base-to-new protocol's halves (first ceil(M/2) labels are base)
+    colours = lambda half: {n.split()[0] for n in half}  # noqa: E731
+    shapes = lambda half: {n.split()[1] for n in half}  # noqa: E731
+    assert colours(base) == set(COLOURS[:5]) and colours(new) == set(COLOURS[5:])
+    assert shapes(base) == shapes(new) == set(SHADE_SHAPES)
+
+
+def test_shades_scenes_draw_each_colour_in_its_own_shade():
+    sc, labels, names = make_scenes("synthetic-shades", "test", 20, 0)
+    assert [names[y] for y in labels.tolist()] == [f"{COLOURS[c]} {SHAPES[s]}" for c, s in zip(sc.colour.tolist(), sc.shape.tolist())]
+    towards = torch.tensor([COLOURS.index(SHADE_TOWARDS[c]) for c in COLOURS])
+    offset = SHADE_SHIFT * (COLOUR_RGB[towards] - COLOUR_RGB)  # (10, 3)
+    for c in range(len(COLOURS)):
+        # the tint is the shade's offset plus sample_scenes' jitter (std 0.04): 100 scenes a colour
+        mean_tint = sc.tint[sc.colour == c].mean(0)
+        assert (mean_tint - offset[c]).abs().max() < 0.02, COLOURS[c]
+    # the colours move different ways: their mean offset is small next to a typical one (no shift
+    # shared by every class), and each shade is still nearest (in RGB) to the colour that names it
+    assert offset.mean(0).norm() < 0.25 * offset.norm(dim=1).mean()
+    assert torch.cdist(COLOUR_RGB + offset, COLOUR_RGB).argmin(1).tolist() == list(range(len(COLOURS)))
+    # backgrounds stay apart from the shade drawn, as sample_scenes keeps them from the named colour
+    obj = (COLOUR_RGB[sc.colour] + sc.tint).clamp(0, 1)  # (N, 3)
+    far = (sc.bg_rgb - obj[:, None, :]).norm(dim=-1) >= 0.45  # (N, 2)
+    complement = ((1.0 - obj[:, None, :]) * 0.8 + 0.1 - sc.bg_rgb).abs().amax(-1) < 1e-6  # (N, 2)
+    assert (far | complement).all() and complement.any()
+
+
+def test_shades_scenes_are_pinned_for_render_version_2():
+    sc, _, _ = make_scenes("synthetic-shades", "train", 2, 0)
+    h = hashlib.sha256()
+    for f in fields(sc):
+        h.update(getattr(sc, f.name).contiguous().numpy().tobytes())
+    assert h.hexdigest()[:16] == SHADES_SCENES_V2

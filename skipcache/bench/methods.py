@@ -10,11 +10,13 @@ model, optimiser and step object) and times that step object on batches read fro
 the wall clock on the CPU); the step time is their median. Epoch time = steps per epoch x step
 time, with steps per epoch = classes x shots / batch size (the base-to-new training split).
 
-Peak memory. CUDA: `torch.cuda.max_memory_allocated`, reset before the first step, so it holds
-the weights, gradients, optimizer state and activations. CPU: the child's peak resident memory
-over the steps (`VmHWM`, reset before the first step through /proc/self/clear_refs; without it,
-ru_maxrss) minus its resident memory before the model was built (after the imports): weights,
-gradients, optimizer state, activations and allocator slack. The method is stored with each number.
+Peak memory. CUDA: `torch.cuda.max_memory_allocated` over the steps (reset before the first),
+so it holds the weights, gradients, optimizer state and activations. CPU: the same sum, as the
+bytes of the method's model (parameters and buffers, counted) plus the child's peak resident
+memory over the steps above its resident memory before the first step (`VmHWM`, reset then
+through /proc/self/clear_refs; without it, ru_maxrss): gradients, optimizer state, activations,
+allocator slack. Model loading (which builds the whole CLIP before dropping the frozen half) and
+the imports happen before that window and are not counted. The method is stored with each number.
 
 Accuracy. On the preset's synthetic task the parent caches one real store per omega (the cache
 stage); each child runs the real `run_tune` and `evaluate_stores` on it and reports base, new
@@ -117,9 +119,9 @@ SYNTH_RECIPES = {
     "ft-cskip": {"lr": 2e-3, "lr_image": 5e-4},
     "skip-tuning": {"lr": 2e-3, "lr_image": 5e-4},
     "fast": {"lr": 2e-3, "lr_image": 5e-4},
-    "coop": {"lr": 2e-2},
-    "clip-adapter": {"lr_image": 2e-2},
-    "lora": {"lr": 2e-2, "lr_image": 5e-3},
+    "coop": {"lr": 2e-2},  # random init, 16 vectors; 2e-3 barely moved in 5 epochs, 1e-1 diverged
+    "clip-adapter": {"lr_image": 2e-2},  # 2e-3: +0.4 H; 2e-2 and 1e-1: +4.5 and +4.3
+    "lora": {"lr": 2e-2, "lr_image": 5e-3},  # 2e-3 / 5e-4 (FT's): H 84.6; these: 91.4
 }
 
 
@@ -128,11 +130,13 @@ class Preset:
     name: str
     description: str
     cost: CostWorkload
-    classes_sweep: tuple[int, ...] = ()
-    classes_methods: tuple[str, ...] = ()
-    omega_sweep: tuple[int, ...] = ()
-    omega_methods: tuple[str, ...] = ()
+    classes_sweep: tuple[tuple[str, int], ...] = ()  # (method, classes) points of the cost-vs-classes sweep
+    omega_sweep: tuple[tuple[str, int], ...] = ()  # (method, omega) points of the cost-vs-omega sweep
     accuracy: AccuracyTask | None = None
+
+
+def grid(methods: tuple[str, ...], values: tuple[int, ...]) -> tuple[tuple[str, int], ...]:
+    return tuple((m, v) for m in methods for v in values)
 
 
 PRESETS = {
@@ -140,23 +144,23 @@ PRESETS = {
         "tiny", "smoke run (seconds): the tiny model for cost, synth-vit trained briefly on a 10-class synthetic "
                 "task; the accuracies are not converged",
         CostWorkload(model="tiny", classes=10, steps=1, warmup=1),
-        classes_sweep=(10, 100), classes_methods=("ft", "skip-tuning"),
-        omega_sweep=(0, 3, 6), omega_methods=("skip-tuning",),
+        classes_sweep=grid(("skip-tuning",), (10, 100)), omega_sweep=grid(("skip-tuning",), (0, 6)),
         accuracy=AccuracyTask(dataset_options={"num_classes": 10, "test_per_class": 4}, shots=2, epochs=1, batch_size=8,
                               converged=False, recipes=SYNTH_RECIPES)),
     "cpu": Preset(
         "cpu", "ViT-B/16 (random init: the cost of pretrained weights) on the CPU, fp32; accuracy of every method "
                "on the demo's synthetic base-to-new task with synth-vit",
         CostWorkload(model="ViT-B-16", classes=50, steps=2, warmup=1),
-        classes_sweep=(10, 100, 1000), classes_methods=("ft", "skip-tuning"),
-        omega_sweep=(0, 6, 12), omega_methods=("skip-tuning",),
+        # FT at 1000 classes takes minutes per step on 2 cores: the CPU sweep stops it at 100
+        classes_sweep=grid(("ft",), (10, 100)) + grid(("skip-tuning", "clip-adapter"), (10, 100, 1000)),
+        omega_sweep=grid(("skip-tuning",), (0, 6, 12)),
         accuracy=AccuracyTask(recipes=SYNTH_RECIPES)),
     "gpu": Preset(
         "gpu", "the paper's settings on a GPU: ViT-B/16, batch 4, 16 shots, the ImageNet base half (500 classes), "
                "bf16 autocast; the synthetic task for accuracy",
         CostWorkload(model="ViT-B-16", classes=500, steps=20, warmup=5),
-        classes_sweep=(10, 30, 100, 300, 1000), classes_methods=("ft", "skip-tuning", "coop", "clip-adapter", "lora"),
-        omega_sweep=(0, 2, 4, 6, 8, 10, 12), omega_methods=("skip-tuning",),
+        classes_sweep=grid(("ft", "skip-tuning", "coop", "clip-adapter", "lora"), (10, 30, 100, 300, 1000)),
+        omega_sweep=grid(("skip-tuning", "ft-lskip"), (0, 2, 4, 6, 8, 10, 12)),
         accuracy=AccuracyTask(epochs=10, recipes=SYNTH_RECIPES)),
 }
 
@@ -227,32 +231,43 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def tensor_mib(module: torch.nn.Module, extra: dict | None = None) -> float:
+    """MiB of a module's parameters and buffers (each tensor once), plus `extra` tensors."""
+    seen, total = set(), 0
+    tensors = [*module.parameters(), *module.buffers(), *((extra or {}).values())]
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total / 2**20
+
+
 class MemoryMeter:
-    """Peak memory of what runs between `start()` and `peak()`, above the `base` taken at creation."""
+    """Peak memory of the steps run between `start()` and `peak()`; see the module docstring."""
 
     def __init__(self, device: torch.device):
-        self.device = device
-        self.base = 0.0 if device.type == "cuda" else (_status_mib("VmRSS") or _maxrss_mib())
-        self.hwm = False
+        self.device, self.hwm, self.base = device, False, 0.0
 
     def start(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            self.base = _status_mib("VmRSS") or _maxrss_mib()
             self.hwm = _reset_peak_rss()
 
-    def peak(self) -> tuple[float, str]:
+    def peak(self, weights_mib: float) -> dict:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            return (torch.cuda.max_memory_allocated(self.device) / 2**20,
-                    "torch.cuda.max_memory_allocated over the steps (reset before the first; weights, gradients, "
-                    "optimizer state, activations)")
-        if self.hwm:
-            return ((_status_mib("VmHWM") or 0.0) - self.base,
-                    "CPU: child's peak RSS over the steps (VmHWM, reset before the first step) minus its RSS before "
-                    "the model was built (weights, gradients, optimizer state, activations, allocator slack)")
-        return (_maxrss_mib() - self.base, "CPU: child's lifetime peak RSS (ru_maxrss) minus its RSS before the model was built")
+            return {"peak_memory_mib": torch.cuda.max_memory_allocated(self.device) / 2**20,
+                    "memory_method": "torch.cuda.max_memory_allocated over the steps (reset before the first): weights, "
+                                     "gradients, optimizer state, activations", "weights_mib": weights_mib}
+        grown = ((_status_mib("VmHWM") or 0.0) if self.hwm else _maxrss_mib()) - self.base
+        how = ("CPU: the method's weights and buffers (counted) + the child's peak RSS growth over the steps "
+               + ("(VmHWM reset before the first step)" if self.hwm else "(ru_maxrss, lifetime peak: an overestimate)")
+               + ": gradients, optimizer state, activations")
+        return {"peak_memory_mib": weights_mib + max(0.0, grown), "memory_method": how, "weights_mib": weights_mib,
+                "step_growth_mib": grown}
 
 
 def _timed_steps(step, batches: list[dict], warmup: int, place) -> tuple[list[float], torch.Tensor]:
@@ -294,13 +309,14 @@ def measure_cost(method: str, store: str, work: CostWorkload, cskip: dict | None
     batches = list(prefetch_to_device(
         (b for _, b in zip(range(n), opened.iter_batches("train", work.batch_size, shuffle=True, seed=work.seed, dtype=read_dtype))),
         place))
+    weights = tensor_mib(training.deep, getattr(training.step, "tensors", dict)())
     meter.start()
     times, stats = _timed_steps(training.step, batches, work.warmup, place)
-    peak, how = meter.peak()
+    memory = meter.peak(weights)
     times = sorted(times)
     step_s = times[len(times) // 2]
     return {"step_time_s": step_s, "step_times_s": times, "epoch_time_s": step_s * work.steps_per_epoch,
-            "steps_per_epoch": work.steps_per_epoch, "peak_memory_mib": peak, "memory_method": how,
+            "steps_per_epoch": work.steps_per_epoch, **memory,
             "trainable_params": sum(p.numel() for p in training.deep.parameters() if p.requires_grad),
             "text_classes_per_step": float(stats[3]), "omega": int(opened.key["omega"]), "classes": len(opened.splits["train"].classes),
             "precision": place.precision, "device": str(place.device), "threads": torch.get_num_threads()}
@@ -325,13 +341,14 @@ def measure_paper_schedule(work: CostWorkload, omega: int, classes: int) -> dict
     batches = [{"images": place.tensor(torch.randn(work.batch_size, 3, lm.image_size, lm.image_size, generator=g)),
                 "labels": place.tensor(torch.randint(classes, (work.batch_size,), generator=g))}
                for _ in range(work.warmup + work.steps)]
+    weights = tensor_mib(step.shallow) + tensor_mib(model, step.inner.tensors())
     meter.start()
     times, stats = _timed_steps(step, batches, work.warmup, place)
-    peak, how = meter.peak()
+    memory = meter.peak(weights)
     times = sorted(times)
     step_s = times[len(times) // 2]
     return {"step_time_s": step_s, "step_times_s": times, "epoch_time_s": step_s * work.steps_per_epoch,
-            "steps_per_epoch": work.steps_per_epoch, "peak_memory_mib": peak, "memory_method": how,
+            "steps_per_epoch": work.steps_per_epoch, **memory,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "text_classes_per_step": float(stats[3]), "omega": omega, "classes": classes, "text_tokens": int(token_ids.shape[1]),
             "precision": place.precision, "device": str(place.device), "threads": torch.get_num_threads()}
@@ -353,6 +370,22 @@ def train_and_evaluate(method: str, store: str, out: str, task: AccuracyTask, de
     return {"accuracy": {k: ev.accuracy[k] for k in ("base", "new", "H") if k in ev.accuracy}, "zeroshot": ev.zeroshot,
             "label": ev.method, "tune_s": tune_s, "run_step_time_s": result.step_time_median_s, "recipe": recipe,
             "final_train_acc": result.final.get("train_acc"), "run_dir": out}
+
+
+def measure_method(method: str, cost_store: str | None, work: CostWorkload, omega: int, accuracy_store: str | None,
+                   task: AccuracyTask | None, out: str) -> dict:
+    """(child) The cost of one method, then (when a store is given) its accuracy: one process per
+    method, the memory read before anything else runs in it."""
+    if method == "paper-schedule":
+        result = measure_paper_schedule(work, omega, work.classes)
+    else:
+        result = measure_cost(method, cost_store, work)
+    if accuracy_store is not None and task is not None:
+        try:
+            result["trained"] = train_and_evaluate(method, accuracy_store, out, task, work.device, work.threads)
+        except Exception as exc:  # the cost stands; the accuracy says why it is missing
+            result["trained"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return result
 
 
 def in_child(fn, *args) -> dict:
@@ -377,6 +410,8 @@ def run_preset(preset: Preset, out: Path, *, device: str = "auto", threads: int 
     from skipcache.loading import model_depth
 
     work = replace(preset.cost, device=device, threads=threads)
+    if threads:
+        torch.set_num_threads(threads)  # this process caches the accuracy task's stores
     methods = [m for m in METHOD_ORDER if only is None or m in only]
     depth = model_depth(work.model)
     stores = out / "stores"
@@ -386,48 +421,45 @@ def run_preset(preset: Preset, out: Path, *, device: str = "auto", threads: int 
     def store_for(omega: int, classes: int) -> str:
         return str(random_store(stores, work.model, omega, classes, rows, seed=work.seed))
 
+    task = preset.accuracy if accuracy else None
+    accuracy_stores, task_info = _cache_accuracy_stores(task, [m for m in methods if m in TRAINABLE], out, device, log)
     results: dict[str, dict] = {}
     for method in methods:
         omega = method_omega("skip-tuning", depth) if method == "paper-schedule" else method_omega(method, depth)
-        log(f"cost: {method} (omega {omega}, {work.classes} classes) ...")
-        if method == "paper-schedule":
-            r = in_child(measure_paper_schedule, work, omega, work.classes)
-        else:
-            r = in_child(measure_cost, method, store_for(omega, work.classes), work)
-        r.update(name=method, label=PAPER_LABELS[method], paper=PAPER.get(method), omega=omega)
+        log(f"{method}: cost (omega {omega}, {work.classes} classes)" + (", then accuracy" if method in accuracy_stores else "") + " ...")
+        cost_store = None if method == "paper-schedule" else store_for(omega, work.classes)
+        r = in_child(measure_method, method, cost_store, work, omega, accuracy_stores.get(method), task,
+                     str(out / "runs" / method))
+        trained = r.pop("trained", None)
+        r.update(name=method, label=PAPER_LABELS[method], paper=PAPER.get(method), omega=omega, accuracy=None)
+        if trained is not None and "error" in trained:
+            r["accuracy_error"] = trained["error"]
+        elif trained is not None:
+            r.update(accuracy=trained["accuracy"], accuracy_label=trained["label"], tune_s=trained["tune_s"],
+                     tune_step_time_s=trained["run_step_time_s"], recipe=trained["recipe"],
+                     accuracy_omega=method_omega(method, model_depth(task.model)))
+            task_info["zeroshot"] = trained["zeroshot"]
         results[method] = r
 
     sweep_rows: dict[str, list[dict]] = {"classes": [], "omega": []}
-    if sweeps:
-        for m in preset.classes_methods:
-            if only is not None and m not in only:
+    for kind, points in (("classes", preset.classes_sweep if sweeps else ()), ("omega", preset.omega_sweep if sweeps else ())):
+        for m, value in points:
+            omega, classes = (method_omega(m, depth), value) if kind == "classes" else (value, work.classes)
+            if (only is not None and m not in only) or (depth is not None and omega > depth) or (m == "ft-lskip" and omega == 0):
                 continue
-            for classes in preset.classes_sweep:
-                if classes == work.classes and m in results and "error" not in results[m]:
-                    r = dict(results[m])
-                else:
-                    log(f"sweep: {m} at {classes} classes ...")
-                    r = in_child(measure_cost, m, store_for(method_omega(m, depth), classes), work)
-                sweep_rows["classes"].append(_sweep_row(m, r, classes=classes))
-        for m in preset.omega_methods:
-            if only is not None and m not in only:
-                continue
-            for omega in preset.omega_sweep:
-                if depth is not None and omega > depth:
-                    continue
-                log(f"sweep: {m} at omega {omega} ...")
-                r = in_child(measure_cost, m, store_for(omega, work.classes), work)
-                sweep_rows["omega"].append(_sweep_row(m, r, omega=omega))
-
-    task_info = None
-    if accuracy and preset.accuracy is not None:
-        task_info = _accuracy(preset.accuracy, [m for m in methods if m in TRAINABLE], out, device, threads, results, log)
+            main = results.get(m, {})
+            if main.get("omega") == omega and classes == work.classes and "error" not in main:
+                r = dict(main)  # the point the method table already measured
+            else:
+                log(f"sweep: {m} at omega {omega}, {classes} classes ...")
+                r = in_child(measure_cost, m, store_for(omega, classes), work)
+            sweep_rows[kind].append(_sweep_row(m, r, **{kind: value}))
 
     _ratios(results)
     return {"meta": {"preset": preset.name, "description": preset.description, "total_s": time.perf_counter() - started,
                      "model_depth": depth},
-            "config": {"cost": asdict(work), "classes_sweep": list(preset.classes_sweep), "classes_methods": list(preset.classes_methods),
-                       "omega_sweep": list(preset.omega_sweep), "omega_methods": list(preset.omega_methods),
+            "config": {"cost": asdict(work), "classes_sweep": [list(p) for p in preset.classes_sweep],
+                       "omega_sweep": [list(p) for p in preset.omega_sweep],
                        "accuracy": asdict(preset.accuracy) if preset.accuracy else None},
             "methods": [results[m] for m in methods], "sweeps": sweep_rows, "accuracy_task": task_info}
 
@@ -440,36 +472,30 @@ def _sweep_row(method: str, r: dict, **where) -> dict:
                                         "trainable_params", "omega", "classes")}}
 
 
-def _accuracy(task: AccuracyTask, methods: list[str], out: Path, device: str, threads: int | None, results: dict, log) -> dict:
+def _cache_accuracy_stores(task: AccuracyTask | None, methods: list[str], out: Path, device: str, log) -> tuple[dict, dict | None]:
+    """The real stores of the accuracy task (the cache stage, in this process), one per omega the
+    methods need: ({method: store path}, the task's record)."""
+    if task is None or not methods:
+        return {}, None
     from skipcache.loading import model_depth
     from skipcache.stages.cache import CacheConfig, run_cache
 
     depth = model_depth(task.model)
     cached: dict[int, dict] = {}
-    zeroshot = None
+    by_method = {}
     for method in methods:
         omega = method_omega(method, depth)
         if omega not in cached:
-            log(f"accuracy: caching {task.dataset} at omega {omega} ...")
+            log(f"accuracy: caching {task.dataset} with {task.model} at omega {omega} ...")
             c = run_cache(CacheConfig(dataset=task.dataset, dataset_options=task.dataset_options, model=task.model,
                                       pretrained=task.pretrained, omega=omega, shots=task.shots, seed=task.seed, classes="base",
                                       root=out / "stores", device=device, progress=False))
             cached[omega] = {"path": str(c.path), "seconds": c.seconds, "reused": c.reused, "zeroshot_acc": c.zeroshot_acc}
-        log(f"accuracy: {method} ...")
-        r = in_child(train_and_evaluate, method, cached[omega]["path"], str(out / "runs" / method), task, device, threads)
-        entry = results.setdefault(method, {"name": method, "label": PAPER_LABELS[method]})
-        if "error" in r:
-            entry["accuracy_error"] = r["error"]
-            entry["accuracy"] = None
-            continue
-        entry.update(accuracy=r["accuracy"], accuracy_label=r["label"], tune_s=r["tune_s"], tune_step_time_s=r["run_step_time_s"],
-                     recipe=r["recipe"], accuracy_omega=omega)
-        zeroshot = r["zeroshot"]
-    for m in results.values():
-        m.setdefault("accuracy", None)
-    return {"dataset": task.dataset, "model": task.model, "pretrained": task.pretrained, "shots": task.shots,
-            "epochs": task.epochs, "batch_size": task.batch_size, "converged": task.converged,
-            "zeroshot": zeroshot, "stores": {str(k): v for k, v in cached.items()}}
+        by_method[method] = cached[omega]["path"]
+    info = {"dataset": task.dataset, "dataset_options": task.dataset_options, "model": task.model, "pretrained": task.pretrained,
+            "shots": task.shots, "epochs": task.epochs, "batch_size": task.batch_size, "converged": task.converged,
+            "zeroshot": None, "stores": {str(k): v for k, v in cached.items()}}
+    return by_method, info
 
 
 def _ratios(results: dict) -> None:

@@ -27,7 +27,8 @@ def _row(r: dict, accuracy: bool) -> str:
     if "error" in r:
         cells += [f"failed: {r['error'][:60]}", "", "", "", ""]
     else:
-        cells += [_f(r["epoch_time_s"], "{:.0f}" if r["epoch_time_s"] >= 100 else "{:.1f}"), _f(r["peak_memory_mib"], "{:.0f}"),
+        epoch = r["epoch_time_s"]
+        cells += [_f(epoch, "{:.0f}" if epoch >= 100 else "{:.1f}" if epoch >= 10 else "{:.2f}"), _f(r["peak_memory_mib"], "{:.0f}"),
                   _f(r.get("time_vs_ft"), "{:.2f}"), _f(r.get("memory_vs_ft"), "{:.2f}"),
                   f"{r['trainable_params'] / 1e6:.3f} M" if r["trainable_params"] < 1e5 else f"{r['trainable_params'] / 1e6:.1f} M"]
     cells += [_f(paper.get("time_s"), "{:.0f}"), _f(paper.get("memory_mb"), "{:.0f}"),
@@ -54,7 +55,7 @@ def render_markdown(report: dict) -> str:
         f"# skipcache bench — preset `{meta['preset']}`", "",
         meta["description"] + ".", "",
         f"- machine: {machine.get('device_name', '?')}, {machine.get('device', '?')}; Python {machine.get('python', '?')}; "
-        f"torch {machine.get('versions', {}).get('torch', '?')}, open_clip {machine.get('versions', {}).get('open_clip', '?')}; "
+        f"torch {machine.get('versions', {}).get('torch', '?')}, open_clip {machine.get('versions', {}).get('open_clip_torch', '?')}; "
         f"load average at start {_f(machine.get('load_average_1m_at_start'), '{:.1f}')}; {machine.get('date_utc', '')}",
         f"- cost workload: {work['model']} (random init), {work['classes']} training classes, {work['shots']} shots, batch "
         f"{work['batch_size']} ({work['classes'] * work['shots'] // work['batch_size']} steps per epoch), "
