@@ -482,7 +482,11 @@ def load_pipeline(path: Path, overrides: list[str] = ()) -> dict:
     if bad:
         fail(f"unknown [cache] field(s) {sorted(bad)}; allowed: {sorted(cache_types)}")
     _check_fields("cache", cache, cache_types, fail)
-    _check_config("cache", lambda: CacheConfig(**cache), fail)
+    grid_datasets = (spec.get("grid") or {}).get("dataset") if isinstance(spec.get("grid"), dict) else None
+    checked_cache = dict(cache)
+    if "dataset" not in cache and isinstance(grid_datasets, list) and grid_datasets:
+        checked_cache["dataset"] = grid_datasets[0]  # the grid names the datasets; every expanded run is checked later
+    _check_config("cache", lambda: CacheConfig(**checked_cache), fail)
 
     names: set = set()
     for i, t in enumerate(spec.get("target", [])):
@@ -526,7 +530,7 @@ def load_pipeline(path: Path, overrides: list[str] = ()) -> dict:
         where = f"method.{i} ({m['name']!r})"
         cache_overrides = {k: m[k] for k in ("omega", "shots") if k in m}
         if cache_overrides:
-            _check_config(where, lambda: CacheConfig(**dict(cache, **cache_overrides)), fail)
+            _check_config(where, lambda: CacheConfig(**dict(checked_cache, **cache_overrides)), fail)
         if m["kind"] == "tune":
             _check_config(where, lambda: TuneConfig(**{k: v for k, v in m.items() if k not in ZEROSHOT_FIELDS}), fail)
 
