@@ -485,6 +485,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads in each measuring process (default: torch's)."),
     no_sweeps: bool = typer.Option(False, "--no-sweeps", help="Skip the cost-vs-classes and cost-vs-omega sweeps."),
     no_accuracy: bool = typer.Option(False, "--no-accuracy", help="Skip training every method for accuracy."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs of the accuracy runs (default: the preset's: 5, the demo's recipe; tiny: 1)."),
     device: str = DeviceOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON document on stdout (progress on stderr)."),
 ):
@@ -493,11 +494,14 @@ def bench(
 
     if preset not in ("tiny", "cpu", "gpu"):
         raise ConfigError(f"--preset must be tiny, cpu or gpu, got {preset!r}")
+    if epochs is not None:
+        _at_least("--epochs", epochs, 1, "e.g. --epochs 5")
     argv = ["--preset", preset, "--device", _device(device)]
     argv += ["--out", str(out_dir)] if out_dir is not None else []
     argv += ["--only", only] if only else []
     argv += ["--threads", str(threads)] if threads else []
     argv += ["--no-sweeps"] * no_sweeps + ["--no-accuracy"] * no_accuracy + ["--json"] * as_json
+    argv += ["--epochs", str(epochs)] if epochs is not None else []
     code = bench_main(argv)
     if code:
         raise typer.Exit(code)

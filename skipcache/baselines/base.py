@@ -65,6 +65,7 @@ class Method:
     title = ""
     summary = ""
     defaults: dict = {}
+    exports_extras = False  # export writes tensors beside the checkpoint (`Head.extras`)
 
     # -- settings
 

@@ -130,6 +130,7 @@ class AdapterHead(Head):
 
 class CLIPAdapter(Method):
     name = "clip-adapter"
+    exports_extras = True
     title = "CLIP-Adapter"
     summary = "residual MLP (E -> E/4 -> E, ratio 0.2) on the frozen image feature, zero-shot prototypes (store at omega = N)"
     defaults = {"ratio": 0.2, "reduction": 4}

@@ -206,6 +206,7 @@ class CoOpHead(Head):
 
 class CoOp(Method):
     name = "coop"
+    exports_extras = True
     title = "CoOp"
     summary = "16 learned context vectors, whole text tower every step, frozen image side (store at omega = N)"
     defaults = {"n_ctx": None, "ctx_init": None}

@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(METHOD_ORDER)}")
     p.add_argument("--no-sweeps", action="store_true", help="skip the cost-vs-classes and cost-vs-omega sweeps")
     p.add_argument("--no-accuracy", action="store_true", help="skip training for accuracy")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of the accuracy runs (default: the preset's: 5, the demo's recipe; tiny: 1)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout (progress stays on stderr)")
     return p.parse_args(argv)
 
@@ -49,7 +50,7 @@ def run(argv: list[str] | None = None) -> tuple[int, dict]:
     out.mkdir(parents=True, exist_ok=True)
     info = machine(args.device)
     report = run_preset(preset, out, device=args.device, threads=args.threads, only=only, sweeps=not args.no_sweeps,
-                        accuracy=not args.no_accuracy, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                        accuracy=not args.no_accuracy, epochs=args.epochs, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     report["machine"] = info
     report["plots"] = write_plots(report, out)
     if "skipped" in report["plots"]:

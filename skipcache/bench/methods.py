@@ -95,15 +95,18 @@ class CostWorkload:
 
 @dataclass(frozen=True)
 class AccuracyTask:
-    """The synthetic base-to-new task every method is trained and evaluated on."""
+    """The synthetic base-to-new task every method is trained and evaluated on: by default the
+    demo's (`pipelines/demo.toml`: synthetic-shades, 25 base / 25 new classes, 16 of 32 images per
+    class, seed 1) with its recipe (batch 16, 5 epochs, one warm-up epoch, then cosine)."""
 
-    dataset: str = "synthetic-noise"
-    dataset_options: dict = field(default_factory=dict)
+    dataset: str = "synthetic-shades"
+    dataset_options: dict = field(default_factory=lambda: {"train_per_class": 32})
     model: str = "synth-vit"
     pretrained: str = "synth"
     shots: int = 16
     seed: int = 1
     epochs: int = 5
+    warmup_epochs: int = 1
     batch_size: int = 16
     converged: bool = True
     # per method: TuneConfig fields (lr, lr_image, method_options...) on top of the shared ones
@@ -141,19 +144,20 @@ def grid(methods: tuple[str, ...], values: tuple[int, ...]) -> tuple[tuple[str, 
 
 PRESETS = {
     "tiny": Preset(
-        "tiny", "smoke run (seconds): the tiny model for cost, synth-vit trained briefly on a 10-class synthetic "
-                "task; the accuracies are not converged",
+        "tiny", "smoke run (about a minute): the tiny model for cost, synth-vit trained for one epoch on 2 shots of "
+                "the demo's synthetic task; the accuracies are not converged",
         CostWorkload(model="tiny", classes=10, steps=1, warmup=1),
         classes_sweep=grid(("skip-tuning",), (10, 100)), omega_sweep=grid(("skip-tuning",), (0, 6)),
-        accuracy=AccuracyTask(dataset_options={"num_classes": 10, "test_per_class": 4}, shots=2, epochs=1, batch_size=8,
+        accuracy=AccuracyTask(dataset_options={"train_per_class": 2, "test_per_class": 2}, shots=2, epochs=1, batch_size=8,
                               converged=False, recipes=SYNTH_RECIPES)),
     "cpu": Preset(
         "cpu", "ViT-B/16 (random init: the cost of pretrained weights) on the CPU, fp32; accuracy of every method "
-               "on the demo's synthetic base-to-new task with synth-vit",
-        CostWorkload(model="ViT-B-16", classes=50, steps=2, warmup=1),
-        # FT at 1000 classes takes minutes per step on 2 cores: the CPU sweep stops it at 100
-        classes_sweep=grid(("ft",), (10, 100)) + grid(("skip-tuning", "clip-adapter"), (10, 100, 1000)),
-        omega_sweep=grid(("skip-tuning",), (0, 6, 12)),
+               "on the demo's synthetic base-to-new task (synthetic-shades) with synth-vit",
+        CostWorkload(model="ViT-B-16", classes=50, steps=3, warmup=1),
+        # small, to stay within 15 minutes on 2 cores (points equal to a method's own row are not run
+        # again); FT at 1000 classes takes minutes per step there, so its line stops at 50
+        classes_sweep=grid(("ft",), (10, 50)) + grid(("skip-tuning",), (10, 50, 1000)),
+        omega_sweep=grid(("skip-tuning",), (0, 6, 9, 12)),
         accuracy=AccuracyTask(recipes=SYNTH_RECIPES)),
     "gpu": Preset(
         "gpu", "the paper's settings on a GPU: ViT-B/16, batch 4, 16 shots, the ImageNet base half (500 classes), "
@@ -161,7 +165,7 @@ PRESETS = {
         CostWorkload(model="ViT-B-16", classes=500, steps=20, warmup=5),
         classes_sweep=grid(("ft", "skip-tuning", "coop", "clip-adapter", "lora"), (10, 30, 100, 300, 1000)),
         omega_sweep=grid(("skip-tuning", "ft-lskip"), (0, 2, 4, 6, 8, 10, 12)),
-        accuracy=AccuracyTask(epochs=10, recipes=SYNTH_RECIPES)),
+        accuracy=AccuracyTask(recipes=SYNTH_RECIPES)),
 }
 
 
@@ -270,20 +274,37 @@ class MemoryMeter:
                 "step_growth_mib": grown}
 
 
-def _timed_steps(step, batches: list[dict], warmup: int, place) -> tuple[list[float], torch.Tensor]:
+def _timed_steps(step, batches: list[dict], warmup: int, place) -> dict:
+    """Run the step on every batch; the first `warmup` untimed. Wall time per step (`StepTimer`:
+    CUDA events, or the wall clock) and, on the CPU, the process's CPU time per step."""
     from skipcache.step import StepTimer
 
     timer = StepTimer(place)
+    cpu_times = []
     stats = None
     for i, batch in enumerate(batches):
         if i < warmup:
             stats = step(batch)
             continue
+        cpu0 = time.process_time()
         timer.start()
         stats = step(batch)
         timer.stop()
+        cpu_times.append(time.process_time() - cpu0)
     place.synchronize()
-    return timer.times(), stats
+    wall = sorted(timer.times())
+    out = {"step_time_s": wall[len(wall) // 2], "step_times_s": wall, "text_classes_per_step": float(stats[3])}
+    if not place.is_cuda:
+        cpu_times.sort()
+        out.update(step_cpu_s=cpu_times[len(cpu_times) // 2], step_cpu_times_s=cpu_times)
+    return out
+
+
+def _with_epoch(timing: dict, work: CostWorkload) -> dict:
+    timing = dict(timing, steps_per_epoch=work.steps_per_epoch, epoch_time_s=timing["step_time_s"] * work.steps_per_epoch)
+    if "step_cpu_s" in timing:
+        timing["epoch_cpu_s"] = timing["step_cpu_s"] * work.steps_per_epoch
+    return timing
 
 
 def measure_cost(method: str, store: str, work: CostWorkload, cskip: dict | None = None,
@@ -311,14 +332,11 @@ def measure_cost(method: str, store: str, work: CostWorkload, cskip: dict | None
         place))
     weights = tensor_mib(training.deep, getattr(training.step, "tensors", dict)())
     meter.start()
-    times, stats = _timed_steps(training.step, batches, work.warmup, place)
+    timing = _with_epoch(_timed_steps(training.step, batches, work.warmup, place), work)
     memory = meter.peak(weights)
-    times = sorted(times)
-    step_s = times[len(times) // 2]
-    return {"step_time_s": step_s, "step_times_s": times, "epoch_time_s": step_s * work.steps_per_epoch,
-            "steps_per_epoch": work.steps_per_epoch, **memory,
+    return {**timing, **memory,
             "trainable_params": sum(p.numel() for p in training.deep.parameters() if p.requires_grad),
-            "text_classes_per_step": float(stats[3]), "omega": int(opened.key["omega"]), "classes": len(opened.splits["train"].classes),
+            "omega": int(opened.key["omega"]), "classes": len(opened.splits["train"].classes),
             "precision": place.precision, "device": str(place.device), "threads": torch.get_num_threads()}
 
 
@@ -343,14 +361,11 @@ def measure_paper_schedule(work: CostWorkload, omega: int, classes: int) -> dict
                for _ in range(work.warmup + work.steps)]
     weights = tensor_mib(step.shallow) + tensor_mib(model, step.inner.tensors())
     meter.start()
-    times, stats = _timed_steps(step, batches, work.warmup, place)
+    timing = _with_epoch(_timed_steps(step, batches, work.warmup, place), work)
     memory = meter.peak(weights)
-    times = sorted(times)
-    step_s = times[len(times) // 2]
-    return {"step_time_s": step_s, "step_times_s": times, "epoch_time_s": step_s * work.steps_per_epoch,
-            "steps_per_epoch": work.steps_per_epoch, **memory,
+    return {**timing, **memory,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "text_classes_per_step": float(stats[3]), "omega": omega, "classes": classes, "text_tokens": int(token_ids.shape[1]),
+            "omega": omega, "classes": classes, "text_tokens": int(token_ids.shape[1]),
             "precision": place.precision, "device": str(place.device), "threads": torch.get_num_threads()}
 
 
@@ -364,7 +379,7 @@ def train_and_evaluate(method: str, store: str, out: str, task: AccuracyTask, de
     recipe = dict(task.recipes.get(method, {}))
     t0 = time.perf_counter()
     result = run_tune(TuneConfig(store=Path(store), out=Path(out), method=method, epochs=task.epochs, batch_size=task.batch_size,
-                                 warmup_epochs=0, seed=task.seed, device=device, progress=False, checkpoint_every_s=1e9, **recipe))
+                                 warmup_epochs=min(task.warmup_epochs, task.epochs - 1), seed=task.seed, device=device, progress=False, checkpoint_every_s=1e9, **recipe))
     tune_s = time.perf_counter() - t0
     ev = evaluate_stores(Path(out), [None], device=device)[0]
     return {"accuracy": {k: ev.accuracy[k] for k in ("base", "new", "H") if k in ev.accuracy}, "zeroshot": ev.zeroshot,
@@ -405,9 +420,14 @@ def in_child(fn, *args) -> dict:
 
 
 def run_preset(preset: Preset, out: Path, *, device: str = "auto", threads: int | None = None,
-               only: tuple[str, ...] | None = None, sweeps: bool = True, accuracy: bool = True, log=print) -> dict:
-    """Every measurement of `preset`; returns the report dict (the JSON `skipcache bench` writes)."""
+               only: tuple[str, ...] | None = None, sweeps: bool = True, accuracy: bool = True, epochs: int | None = None,
+               log=print) -> dict:
+    """Every measurement of `preset` (`epochs`: the accuracy task's, instead of the preset's);
+    returns the report dict (the JSON `skipcache bench` writes)."""
     from skipcache.loading import model_depth
+
+    if epochs is not None and preset.accuracy is not None:
+        preset = replace(preset, accuracy=replace(preset.accuracy, epochs=epochs))
 
     work = replace(preset.cost, device=device, threads=threads)
     if threads:
@@ -447,8 +467,9 @@ def run_preset(preset: Preset, out: Path, *, device: str = "auto", threads: int 
             omega, classes = (method_omega(m, depth), value) if kind == "classes" else (value, work.classes)
             if (only is not None and m not in only) or (depth is not None and omega > depth) or (m == "ft-lskip" and omega == 0):
                 continue
-            main = results.get(m, {})
-            if main.get("omega") == omega and classes == work.classes and "error" not in main:
+            main = next((r for n, r in results.items() if _same_training(n, m) and r.get("omega") == omega
+                         and classes == work.classes and "error" not in r), None)
+            if main is not None:
                 r = dict(main)  # the point the method table already measured
             else:
                 log(f"sweep: {m} at omega {omega}, {classes} classes ...")
@@ -457,19 +478,26 @@ def run_preset(preset: Preset, out: Path, *, device: str = "auto", threads: int 
 
     _ratios(results)
     return {"meta": {"preset": preset.name, "description": preset.description, "total_s": time.perf_counter() - started,
-                     "model_depth": depth},
+                     "model_depth": depth, "time_basis": time_basis(results)},
             "config": {"cost": asdict(work), "classes_sweep": [list(p) for p in preset.classes_sweep],
                        "omega_sweep": [list(p) for p in preset.omega_sweep],
                        "accuracy": asdict(preset.accuracy) if preset.accuracy else None},
             "methods": [results[m] for m in methods], "sweeps": sweep_rows, "accuracy_task": task_info}
 
 
+def _same_training(a: str, b: str) -> bool:
+    """Whether two method names train the same thing on a store of the same omega (Skip Tuning at
+    omega 0 is FT + CSkip; FT and FT + LSkip differ only in the store's omega)."""
+    groups = ({"skip-tuning", "ft-cskip"}, {"ft", "ft-lskip"})
+    return a == b or any(a in g and b in g for g in groups)
+
+
 def _sweep_row(method: str, r: dict, **where) -> dict:
     row = {"method": method, **where}
     if "error" in r:
         return {**row, "error": r["error"]}
-    return {**row, **{k: r[k] for k in ("step_time_s", "epoch_time_s", "peak_memory_mib", "memory_method", "text_classes_per_step",
-                                        "trainable_params", "omega", "classes")}}
+    return {**row, **{k: r[k] for k in ("step_time_s", "epoch_time_s", "step_cpu_s", "epoch_cpu_s", "peak_memory_mib", "memory_method",
+                                        "text_classes_per_step", "trainable_params", "omega", "classes") if k in r}}
 
 
 def _cache_accuracy_stores(task: AccuracyTask | None, methods: list[str], out: Path, device: str, log) -> tuple[dict, dict | None]:
@@ -498,12 +526,21 @@ def _cache_accuracy_stores(task: AccuracyTask | None, methods: list[str], out: P
     return by_method, info
 
 
+def time_basis(results: dict) -> str:
+    """`step_cpu_s` on the CPU (the process's CPU time per step: what the step costs, whatever
+    else the machine runs; equal to the wall time on an idle machine with one thread), else
+    `step_time_s` (wall time, CUDA events on a GPU)."""
+    timed = [r for r in results.values() if "step_time_s" in r]
+    return "step_cpu_s" if timed and all("step_cpu_s" in r for r in timed) else "step_time_s"
+
+
 def _ratios(results: dict) -> None:
     """Time and memory of each method as a fraction of FT's, ours and the paper's."""
     ft = results.get("ft", {})
+    basis = time_basis(results)
     for r in results.values():
-        if "step_time_s" in r and "step_time_s" in ft:
-            r["time_vs_ft"] = r["step_time_s"] / ft["step_time_s"]
+        if basis in r and basis in ft:
+            r["time_vs_ft"] = r[basis] / ft[basis]
             r["memory_vs_ft"] = r["peak_memory_mib"] / ft["peak_memory_mib"] if ft["peak_memory_mib"] > 0 else None
         paper = r.get("paper")
         if paper:

@@ -18,29 +18,32 @@ def _f(value, fmt: str = "{:.1f}") -> str:
     return "–" if value is None else fmt.format(value)
 
 
-def _row(r: dict, accuracy: bool) -> str:
+def _seconds(value) -> str:
+    return _f(value, "{:.0f}" if value is not None and value >= 100 else "{:.1f}" if value is not None and value >= 10 else "{:.2f}")
+
+
+def _row(r: dict, accuracy: bool, cpu: bool) -> str:
     paper = r.get("paper") or {}
     acc = r.get("accuracy") or {}
     cells = [r["label"]]
     if accuracy:
         cells += [_f(acc.get("base")), _f(acc.get("new")), _f(acc.get("H"))]
     if "error" in r:
-        cells += [f"failed: {r['error'][:60]}", "", "", "", ""]
+        cells += [f"failed: {r['error'][:60]}"] + [""] * (5 + cpu)
     else:
-        epoch = r["epoch_time_s"]
-        cells += [_f(epoch, "{:.0f}" if epoch >= 100 else "{:.1f}" if epoch >= 10 else "{:.2f}"), _f(r["peak_memory_mib"], "{:.0f}"),
-                  _f(r.get("time_vs_ft"), "{:.2f}"), _f(r.get("memory_vs_ft"), "{:.2f}"),
+        cells += [_seconds(r["epoch_time_s"])] + ([_seconds(r.get("epoch_cpu_s"))] if cpu else [])
+        cells += [_f(r["peak_memory_mib"], "{:.0f}"), _f(r.get("time_vs_ft"), "{:.2f}"), _f(r.get("memory_vs_ft"), "{:.2f}"),
                   f"{r['trainable_params'] / 1e6:.3f} M" if r["trainable_params"] < 1e5 else f"{r['trainable_params'] / 1e6:.1f} M"]
     cells += [_f(paper.get("time_s"), "{:.0f}"), _f(paper.get("memory_mb"), "{:.0f}"),
               _f(r.get("paper_time_vs_ft"), "{:.2f}"), _f(r.get("paper_memory_vs_ft"), "{:.2f}")]
     return "| " + " | ".join(cells) + " |"
 
 
-def _table(title: str, names: tuple[str, ...], by_name: dict, accuracy: bool) -> list[str]:
-    head = ["method"] + (["base", "new", "H"] if accuracy else []) + [
-        "epoch s", "peak MiB", "time ÷ FT", "memory ÷ FT", "trained params", "paper s", "paper MB", "paper time ÷ FT", "paper memory ÷ FT"]
+def _table(title: str, names: tuple[str, ...], by_name: dict, accuracy: bool, cpu: bool) -> list[str]:
+    head = ["method"] + (["base", "new", "H"] if accuracy else []) + ["epoch s"] + (["epoch CPU s"] if cpu else []) + [
+        "peak MiB", "time ÷ FT", "memory ÷ FT", "trained params", "paper s", "paper MB", "paper time ÷ FT", "paper memory ÷ FT"]
     out = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += [_row(by_name[n], accuracy) for n in names if n in by_name]
+    out += [_row(by_name[n], accuracy, cpu) for n in names if n in by_name]
     return out + [""]
 
 
@@ -51,6 +54,7 @@ def render_markdown(report: dict) -> str:
     task = report.get("accuracy_task")
     accuracy = task is not None
     memory = next((r["memory_method"] for r in report["methods"] if "memory_method" in r), "–")
+    cpu = meta.get("time_basis") == "step_cpu_s"
     lines = [
         f"# skipcache bench — preset `{meta['preset']}`", "",
         meta["description"] + ".", "",
@@ -60,7 +64,9 @@ def render_markdown(report: dict) -> str:
         f"- cost workload: {work['model']} (random init), {work['classes']} training classes, {work['shots']} shots, batch "
         f"{work['batch_size']} ({work['classes'] * work['shots'] // work['batch_size']} steps per epoch), "
         f"{work['warmup']} warm-up + {work['steps']} timed steps per method, each method in its own process",
-        "- epoch s = steps per epoch × median step time of the method's own step object (as `skipcache tune` builds it)",
+        "- epoch s = steps per epoch × median step time of the method's own step object (as `skipcache tune` builds it)"
+        + ("; epoch CPU s the same with the process's CPU time per step, which other processes on the machine do not "
+           "inflate: **time ÷ FT uses it**" if cpu else "; time ÷ FT uses it"),
         f"- peak MiB: {memory}",
         "- paper: Skip Tuning (CVPR 2025) Tables 4 and 5, ViT-B/16, training time in seconds and memory in MB; "
         "**the paper's memory is a torchinfo estimate, not a measurement**; its time is a whole training run, ours one "
@@ -72,11 +78,11 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- accuracy (%): {task['model']} --pretrained {task['pretrained']} on `{task['dataset']}`, base-to-new, "
                      f"{task['shots']} shots, {task['epochs']} epochs, batch {task['batch_size']}, each method's learning rates "
                      f"in the JSON{converged}; zero-shot base {_f(zs.get('base'))}, new {_f(zs.get('new'))}, H {_f(zs.get('H'))}")
-    lines += ["", *_table("Table 4 layout: the ablation", TABLE4, by_name, accuracy),
-              *_table("Table 5 layout: other methods", TABLE5, by_name, accuracy)]
+    lines += ["", *_table("Table 4 layout: the ablation", TABLE4, by_name, accuracy, cpu),
+              *_table("Table 5 layout: other methods", TABLE5, by_name, accuracy, cpu)]
     extra = [n for n in OURS_ONLY if n in by_name]
     if extra:
-        lines += _table("Not in the paper's tables", tuple(extra), by_name, accuracy)
+        lines += _table("Not in the paper's tables", tuple(extra), by_name, accuracy, cpu)
         if "paper-schedule" in by_name:
             lines += ["`paper-schedule`: the authors' schedule (cost only): the shallow blocks run every step on raw images, "
                       "77-token prompts, their CSkip (paper-code). `fast`: ω = N − N//4, r = 0.25.", ""]
@@ -84,12 +90,14 @@ def render_markdown(report: dict) -> str:
         rows = report.get("sweeps", {}).get(kind) or []
         if not rows:
             continue
-        lines += [f"### Cost vs {unit}", "", f"| method | {unit} | step ms | epoch s | peak MiB | classes per step |", "|---|---|---|---|---|---|"]
+        lines += [f"### Cost vs {unit}", "", f"| method | {unit} | step ms | step CPU ms | peak MiB | classes per step |",
+                  "|---|---|---|---|---|---|"]
         for r in rows:
             if "error" in r:
                 lines.append(f"| {r['method']} | {r[key]} | failed: {r['error'][:60]} | | | |")
             else:
-                lines.append(f"| {r['method']} | {r[key]} | {1000 * r['step_time_s']:.1f} | {r['epoch_time_s']:.1f} | "
+                cpu_ms = _f(1000 * r["step_cpu_s"] if "step_cpu_s" in r else None)
+                lines.append(f"| {r['method']} | {r[key]} | {1000 * r['step_time_s']:.1f} | {cpu_ms} | "
                              f"{r['peak_memory_mib']:.0f} | {r['text_classes_per_step']:.0f} |")
         lines.append("")
     plots = report.get("plots") or {}
@@ -114,16 +122,17 @@ def write_plots(report: dict, out: Path) -> dict:
     ok = [r for r in report["methods"] if "error" not in r and "step_time_s" in r]
     if ok:
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+        basis = "epoch_cpu_s" if report["meta"].get("time_basis") == "step_cpu_s" else "epoch_time_s"
         for r in ok:
-            left.scatter(r["peak_memory_mib"], r["epoch_time_s"])
-            left.annotate(r["label"], (r["peak_memory_mib"], r["epoch_time_s"]), fontsize=8)
+            left.scatter(r["peak_memory_mib"], r[basis])
+            left.annotate(r["label"], (r["peak_memory_mib"], r[basis]), fontsize=8)
             if r.get("memory_vs_ft") is not None:
                 right.scatter(r["memory_vs_ft"], r["time_vs_ft"], color="tab:blue")
                 right.annotate(r["label"], (r["memory_vs_ft"], r["time_vs_ft"]), fontsize=8, color="tab:blue")
             if r.get("paper_memory_vs_ft") is not None:
                 right.scatter(r["paper_memory_vs_ft"], r["paper_time_vs_ft"], color="tab:orange", marker="s")
                 right.annotate(r["label"], (r["paper_memory_vs_ft"], r["paper_time_vs_ft"]), fontsize=8, color="tab:orange")
-        left.set(xlabel="peak memory (MiB, measured)", ylabel="epoch time (s)", title=f"{report['config']['cost']['model']}: time vs memory")
+        left.set(xlabel="peak memory (MiB, measured)", ylabel=f"epoch {'CPU ' if basis == 'epoch_cpu_s' else ''}time (s)", title=f"{report['config']['cost']['model']}: time vs memory")
         right.set(xlabel="memory ÷ FT", ylabel="time ÷ FT", title="relative to FT: ours (blue) vs paper (orange, torchinfo memory)")
         for ax in (left, right):
             ax.grid(alpha=0.3)
@@ -135,11 +144,11 @@ def write_plots(report: dict, out: Path) -> dict:
             continue
         fig, (t_ax, m_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
         for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r[key], r["step_time_s"] * 1000, r["peak_memory_mib"]) for r in rows if r["method"] == method)
+            pts = sorted((r[key], r.get("step_cpu_s", r["step_time_s"]) * 1000, r["peak_memory_mib"]) for r in rows if r["method"] == method)
             xs = [p[0] for p in pts]
             t_ax.plot(xs, [p[1] for p in pts], marker="o", label=method)
             m_ax.plot(xs, [p[2] for p in pts], marker="o", label=method)
-        t_ax.set(xlabel=xlabel, ylabel="step time (ms)", title=f"step time vs {xlabel}")
+        t_ax.set(xlabel=xlabel, ylabel="step time (ms; CPU time on the CPU)", title=f"step time vs {xlabel}")
         m_ax.set(xlabel=xlabel, ylabel="peak memory (MiB)", title=f"peak memory vs {xlabel}")
         for ax in (t_ax, m_ax):
             if logx:

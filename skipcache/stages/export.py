@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from skipcache.baselines import get_method
 from skipcache.data.base import Example, load_image
 from skipcache.errors import DataError, RunError
 from skipcache.loading import config_of, tokenizer_for
@@ -86,7 +87,7 @@ def run_export(run_dir: Path, out: Path, *, force: bool = False) -> ExportResult
     target = export_target(Path(run_dir), Path(out), force=force)
     method, _ = run_method_options(config, info)
     extras_path = extras_target(target, method)
-    if extras_path.exists() and not force:
+    if get_method(method).exports_extras and extras_path.exists() and not force:
         raise RunError(f"{extras_path} exists; pass --force to overwrite it, or another --out")
     tuned = load_tuned(Path(run_dir), "cpu", full=True)
     lm, head = tuned.full, tuned.head

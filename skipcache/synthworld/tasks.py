@@ -42,8 +42,9 @@ GRID_CELLS = [(r, c) for r in (1, 0, -1) for c in (-1, 0, 1)]
 POSITION_WORDS = [position_phrase(0.6 * c, 0.6 * r) for r, c in GRID_CELLS]  # "in the top left", ...
 _CELL_OFFSET, _CELL_JITTER, _POSITION_SIZE = 0.55, 0.12, (0.20, 0.30)  # |centre| in 0.43..0.67 off-centre
 # `synthetic-shades`: its shapes, and each colour's shade, SHADE_SHIFT of the way (in RGB) towards
-# another colour. Every colour moves in its own direction and by its own amount, so the shades are
-# class-specific cues, not one shift shared by all classes.
+# another colour. The colours move in different directions and by different amounts (their mean
+# offset is a sixth of a typical one), so the shades are class-specific cues, not one shift that
+# all classes share.
 SHADE_SHAPES = SHAPES[:5]
 SHADE_TOWARDS = {"red": "orange", "orange": "yellow", "yellow": "green", "green": "cyan", "cyan": "blue",
                  "blue": "purple", "purple": "pink", "pink": "white", "brown": "red", "white": "cyan"}
