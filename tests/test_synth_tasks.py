@@ -141,15 +141,15 @@ def test_shades_halves_name_different_colours_and_the_same_shapes():
     names = TASKS["synthetic-shades"].classnames()
     assert names[:6] == ["red circle", "red square", "red triangle", "red star", "red cross", "orange circle"]
     base, new = names[:25], names[25:]  # the base-to-new protocol's halves (first ceil(M/2) labels are base)
-    colours = lambda half: {n.split()[0] for n in half}  # noqa: E731
-    shapes = lambda half: {n.split()[1] for n in half}  # noqa: E731
-    assert colours(base) == set(COLOURS[:5]) and colours(new) == set(COLOURS[5:])
-    assert shapes(base) == shapes(new) == set(SHADE_SHAPES)
+    words = [{n.split()[i] for n in half} for half in (base, new) for i in (0, 1)]  # colours, shapes
+    assert words[0] == set(COLOURS[:5]) and words[2] == set(COLOURS[5:])
+    assert words[1] == words[3] == set(SHADE_SHAPES)
 
 
 def test_shades_scenes_draw_each_colour_in_its_own_shade():
     sc, labels, names = make_scenes("synthetic-shades", "test", 20, 0)
-    assert [names[y] for y in labels.tolist()] == [f"{COLOURS[c]} {SHAPES[s]}" for c, s in zip(sc.colour.tolist(), sc.shape.tolist())]
+    drawn = [f"{COLOURS[c]} {SHAPES[s]}" for c, s in zip(sc.colour.tolist(), sc.shape.tolist())]
+    assert [names[y] for y in labels.tolist()] == drawn
     towards = torch.tensor([COLOURS.index(SHADE_TOWARDS[c]) for c in COLOURS])
     offset = SHADE_SHIFT * (COLOUR_RGB[towards] - COLOUR_RGB)  # (10, 3)
     for c in range(len(COLOURS)):
