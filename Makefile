@@ -25,12 +25,8 @@ test-fast: install       ## unit tests only
 demo: install            ## cache -> tune -> eval on the built-in synthetic base-to-new task
 	$(VENV)/bin/skipcache run pipelines/demo.toml
 
-benchmark: install $(VENV)/.bench-installed  ## every method on one workload (ViT-B/16, CPU; <= 15 min on 2 cores): report, JSON, plots in build/bench/cpu
+benchmark: install       ## every method on one workload (ViT-B/16, CPU; <= 15 min on 2 cores): report, JSON, plots in build/bench/cpu
 	$(VENV)/bin/skipcache bench --preset cpu --out build/bench/cpu
-
-$(VENV)/.bench-installed: pyproject.toml   # matplotlib, for the plots: only the benchmark needs it
-	$(PIP) install -q -e '.[bench]'
-	touch $@
 
 benchmark-components: install  ## the tune step vs conventional FT, cache-stage and store throughput
 	$(PY) -m skipcache.bench.components --model ViT-B-16 --out build/benchmark-components.json

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from skipcache.bench.methods import PAPER
-
 TABLE4 = ("ft", "ft-lskip", "ft-cskip", "skip-tuning")
 TABLE5 = ("coop", "clip-adapter", "lora", "ft", "skip-tuning")
 OURS_ONLY = ("fast", "paper-schedule")

@@ -21,47 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-
-def random_store(root: Path, model: str, omega: int, classes: int, rows: int, *, seed: int = 0) -> Path:
-    """A complete store of random tokens with `model`'s cached shapes at `omega` (reused when present)."""
-    from skipcache.bench.steps import TEMPLATE, classnames
-    from skipcache.loading import load_model, tokenizer_for
-    from skipcache.model import eot_positions, split_model
-    from skipcache.store import FeatureStore, SplitSpec, store_path
-
-    lm = load_model(model, "none", seed=seed)
-    key = {"dataset": "bench-random", "model": lm.name, "pretrained_label": "none", "weights_hash": lm.weights_hash,
-           "omega": omega, "seed": seed, "classes_m": classes, "rows": rows, "dtype": "float16"}
-    path = store_path(root, key)
-    if path.exists():
-        return path
-    names = classnames(classes)
-    token_ids = tokenizer_for(lm.name)([TEMPLATE.format(c) for c in names])
-    eot = eot_positions(token_ids, lm.model)
-    visual = lm.model.visual
-    lv = int(visual.grid_size[0] * visual.grid_size[1]) + 1
-    dv = int(visual.transformer.width)
-    _, deep = split_model(lm.model, omega, keep_shallow=False)
-    dt, embed = int(deep.text.ln_final.normalized_shape[0]), int(deep.vision.proj.shape[1])
-    lt = int(eot.max()) + 1
-    g = torch.Generator().manual_seed(seed)
-    spec = SplitSpec("train", rows, 1, list(range(classes)), (lv, dv))
-    store = FeatureStore.create_or_resume(path, key, text_shape=(classes, lt, dt), embed_dim=embed, splits=[spec],
-                                          storage_dtype="float16")
-    store.write_text(torch.randn(classes, lt, dt, generator=g), eot, F.normalize(torch.randn(classes, embed, generator=g), dim=-1),
-                     names, TEMPLATE)
-    for shard in range(store.n_shards("train")):
-        r = store.shard_rows("train", shard)
-        logits = torch.randn(len(r), classes, generator=g)
-        store.write_shard("train", shard, vision=torch.randn(1, len(r), lv, dv, generator=g).half(),
-                          labels=torch.tensor([i % classes for i in r]), zeroshot_logits=logits,
-                          zeroshot_rank=logits.argsort(dim=1, descending=True).argsort(dim=1),
-                          source_ids=[f"random-{i}" for i in r])
-    store.finalize()
-    return path
+from skipcache.bench.methods import random_store
 
 
 def run_method(store: Path, out: Path, extra: list[str], epochs: int, batch_size: int, device: str) -> dict:
