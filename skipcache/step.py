@@ -42,6 +42,21 @@ def make_optimizer(groups: dict[str, list[nn.Parameter]], lrs: dict[str, float],
         return torch.optim.SGD(params, lr=max(lrs.values()), momentum=momentum, weight_decay=weight_decay)
 
 
+def cross_entropy_step(optimizer: torch.optim.Optimizer, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over logits (B, K) (-inf where an image does not compete with a class),
+    backward, optimiser step; the step statistics (`STAT_NAMES`) on the device, no host sync."""
+    loss = F.cross_entropy(logits, target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        n = torch.tensor(float(len(target)), device=logits.device)
+        kept = torch.isfinite(logits).sum().float()  # classes each image competed against, summed
+        correct = (logits.argmax(dim=1) == target).sum().float()
+        classes = torch.tensor(float(logits.shape[1]), device=logits.device)
+        return torch.stack([loss.detach().float() * n, correct, kept, classes, n])
+
+
 class TuneStep:
     """One Skip Tuning step on a batch of cached image tokens.
 
@@ -121,7 +136,7 @@ class TuneStep:
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One step on a batch already on the device; returns the stats (len(STAT_NAMES),) on the device."""
         deep = self.deep
-        vision, labels = batch["vision"].float(), batch["labels"]
+        vision = batch["vision"].float()
         with self.placement.autocast():
             image = deep.encode_image(vision)  # (B, E)
             class_ids, mask, target = self._classes(image, batch)
@@ -132,16 +147,7 @@ class TuneStep:
             logits = (deep.logit_scale * image @ text.T).float()  # (B, K)
         if mask is not None:
             logits = logits.masked_fill(~(mask if mask.dim() == 2 else mask.unsqueeze(0)), float("-inf"))
-        loss = F.cross_entropy(logits, target)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            n = torch.tensor(float(len(labels)), device=logits.device)
-            kept = torch.isfinite(logits).sum().float()  # classes each image competed against, summed
-            correct = (logits.argmax(dim=1) == target).sum().float()
-            classes = torch.tensor(float(logits.shape[1]), device=logits.device)
-            return torch.stack([loss.detach().float() * n, correct, kept, classes, n])
+        return cross_entropy_step(self.optimizer, logits, target)
 
 
 class ConventionalFTStep:
@@ -158,15 +164,7 @@ class ConventionalFTStep:
             image = F.normalize(model.encode_image(batch["images"]), dim=-1)
             text = F.normalize(model.encode_text(self.token_ids), dim=-1)
             logits = (model.logit_scale.exp() * image @ text.T).float()
-        loss = F.cross_entropy(logits, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            n = torch.tensor(float(len(labels)), device=logits.device)
-            correct = (logits.argmax(dim=1) == labels).sum().float()
-            m = torch.tensor(float(logits.shape[1]), device=logits.device)
-            return torch.stack([loss.detach().float() * n, correct, m * n, m, n])
+        return cross_entropy_step(self.optimizer, logits, labels)
 
 
 class StepTimer:

@@ -31,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from skipcache.cskip import CSkipConfig
@@ -131,22 +130,3 @@ def check_number(name: str, value, ok: Callable[[float], bool], expected: str) -
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not (number and value == value and abs(value) != float("inf") and ok(value)):
         raise ConfigError(f"method_options.{name} must be {expected}, got {value!r}")
-
-
-def classification_stats(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-    """The step statistics (`skipcache.step.STAT_NAMES`) of a step that scores every image against
-    the same K classes, on the device, without a host sync."""
-    with torch.no_grad():
-        n = torch.tensor(float(len(target)), device=logits.device)
-        correct = (logits.argmax(dim=1) == target).sum().float()
-        k = torch.tensor(float(logits.shape[1]), device=logits.device)
-        return torch.stack([loss.detach().float() * n, correct, k * n, k, n])
-
-
-def cross_entropy_step(optimizer: torch.optim.Optimizer, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy, backward, optimiser step; the step statistics."""
-    loss = F.cross_entropy(logits, target)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return classification_stats(logits, target, loss)

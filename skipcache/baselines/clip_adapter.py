@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipcache.baselines.base import Head, Method, check_int, check_number, cross_entropy_step
+from skipcache.baselines.base import Head, Method, check_int, check_number
 from skipcache.errors import ModelError
 from skipcache.loading import load_deep_model
+from skipcache.step import cross_entropy_step
 
 PREFIX = "clip_adapter."
 

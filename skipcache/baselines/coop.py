@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipcache.baselines.base import Head, Method, check_int, cross_entropy_step
+from skipcache.baselines.base import Head, Method, check_int
 from skipcache.errors import ConfigError, ModelError
 from skipcache.loading import load_store_model, tokenizer_for
 from skipcache.model import DeepText, DeepVision, TextEmbeddings, drop_shallow
+from skipcache.step import cross_entropy_step
 
 DEFAULT_N_CTX = 16
 CTX_STD = 0.02
