@@ -206,7 +206,8 @@ def cache(
 @handle_errors
 def tune(
     store: Optional[Path] = typer.Argument(None, help="Store path (default: newest complete store under --root)."),
-    method: str = typer.Option("skip-tuning", "--method", help="skip-tuning (default), ft (store at omega 0), ft-lskip, ft-cskip, fast (omega N-N/4, r 0.25), coop, clip-adapter or lora; see docs/baselines.md."),
+    method: str = typer.Option("skip-tuning", "--method", help="skip-tuning (default), ft (store at omega 0), ft-lskip, ft-cskip, fast (omega N-N/4, r 0.25), coop, clip-adapter, lora, paper-schedule or ft-conventional (stores at omega 0); see docs/baselines.md."),
+    method_option: Optional[list[str]] = typer.Option(None, "--method-option", help="A setting of the method as KEY=VALUE, repeatable: e.g. rank=8 (lora), n_ctx=4 or full_context=true (coop), omega=6 (paper-schedule)."),
     root: Optional[Path] = RootOpt,
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Pick the newest store of this dataset."),
     model: Optional[str] = typer.Option(None, "--model", help="Pick the newest store of this model."),
@@ -243,7 +244,8 @@ def tune(
 
     skip = CSkipConfig(r=r, lam=lam, max_top=None if no_cap else max_top, variant=cskip_variant, enabled=not no_cskip,
                        subset=cskip_subset)
-    cfg = TuneConfig(store=None if store is None else _store(store, root), method=method, root=_root(root), dataset=dataset, model=model, omega=omega, out=out_dir,
+    cfg = TuneConfig(store=None if store is None else _store(store, root), method=method,
+                     method_options=_method_options(method_option or []), root=_root(root), dataset=dataset, model=model, omega=omega, out=out_dir,
                      epochs=epochs, batch_size=batch_size, lr=lr, lr_image=lr_image, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
                      weight_decay=weight_decay, momentum=momentum, cskip=skip, precision=precision, rank=rank, batching=batching, seed=seed,
                      resume=resume, pretrained=pretrained, device=device, progress=not as_json,
@@ -259,6 +261,21 @@ def tune(
     out.print(f"last epoch: loss {f.get('loss', float('nan')):.4f}  train acc {f.get('train_acc', float('nan')):.1f}%  "
               f"classes kept per image {f.get('classes_kept_per_image', float('nan')):.1f}")
     out.print(f"next: skipcache eval {result.run_dir}")
+
+
+def _method_options(items: list[str]) -> dict:
+    """`--method-option KEY=VALUE` items as a dict; values read as JSON where they parse (8, 0.2,
+    true, null), else as text (a phrase: ctx_init=a photo of a)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--method-option takes KEY=VALUE, got {item!r}; e.g. --method-option rank=8")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
 
 
 @app.command("eval")

@@ -238,13 +238,17 @@ class DeepCLIP(nn.Module):
                 return theirs + rest
         raise KeyError(name)
 
+    def saved_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters a run trains and saves, by name in this module (all of them here)."""
+        return dict(self.named_parameters())
+
     def deep_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable weights under open_clip's keys (what a run saves and export merges)."""
-        return {self.openclip_key(n): p.detach().cpu().contiguous() for n, p in self.named_parameters()}
+        return {self.openclip_key(n): p.detach().cpu().contiguous() for n, p in self.saved_parameters().items()}
 
     def load_deep_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load weights saved by `deep_state_dict`, checking every key and shape first."""
-        own = dict(self.named_parameters())
+        own = self.saved_parameters()
         by_key = {self.openclip_key(n): n for n in own}
         missing = sorted(set(by_key) - set(state))
         unexpected = sorted(set(state) - set(by_key))

@@ -38,7 +38,8 @@ CPU = Placement(torch.device("cpu"))
 DEPTH = 6  # the tiny model's blocks per tower
 NUM_CLASSES, SHOTS, SEED = 6, 4, 1
 # method -> the omega of the store it trains on (tiny: fast = 6 - 6 // 4 = 5, N = 6)
-OMEGA = {"skip-tuning": 3, "ft": 0, "ft-lskip": 3, "ft-cskip": 0, "fast": 5, "coop": DEPTH, "clip-adapter": DEPTH, "lora": 0}
+OMEGA = {"skip-tuning": 3, "ft": 0, "ft-lskip": 3, "ft-cskip": 0, "fast": 5, "coop": DEPTH, "clip-adapter": DEPTH, "lora": 0,
+         "paper-schedule": 0, "ft-conventional": 0}
 OPTIONS = {"coop": {"n_ctx": 4}}
 
 
@@ -188,7 +189,8 @@ def test_predict_uses_the_methods_head(tmp_path, stores):
 
 
 def test_the_registry_names_every_method():
-    assert list(METHODS) == ["skip-tuning", "ft", "ft-lskip", "ft-cskip", "fast", "coop", "clip-adapter", "lora"]
+    assert list(METHODS) == ["skip-tuning", "ft", "ft-lskip", "ft-cskip", "fast", "coop", "clip-adapter", "lora",
+                             "paper-schedule", "ft-conventional"]
     with pytest.raises(ConfigError, match="method must be one of skip-tuning, ft, "):
         get_method("adam")
     assert fast_omega(12) == 9 and fast_omega(8) == 6 and fast_omega(6) == 5
@@ -199,6 +201,8 @@ def test_the_registry_names_every_method():
     ("ft-cskip", 3, "needs a store cached with --omega 0"),
     ("ft-lskip", 0, "needs a store cached with --omega > 0"),
     ("fast", 3, "preset with omega = 5 for this model (6 blocks per tower: N - N//4); cache a store with --omega 5"),
+    ("paper-schedule", 3, "runs every block in every step: it needs a store cached with --omega 0 (add --views E"),
+    ("ft-conventional", 5, "needs a store cached with --omega 0"),
 ])
 def test_a_method_refuses_a_store_of_the_wrong_omega(tmp_path, stores, method, omega, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -215,6 +219,9 @@ def test_a_method_refuses_a_store_of_the_wrong_omega(tmp_path, stores, method, o
     ({"method": "clip-adapter", "method_options": {"ratio": 1.5}}, "method_options.ratio must be in [0, 1]"),
     ({"method": "coop", "method_options": {"ctx_init": ""}}, "method_options.ctx_init must be a phrase"),
     ({"method": "skip-tuning", "method_options": {"rank": 4}}, "it takes: none"),
+    ({"method": "coop", "method_options": {"full_context": "yes"}}, "method_options.full_context must be true or false"),
+    ({"method": "paper-schedule", "method_options": {"omega": -1}}, "method_options.omega must be a whole number >= 0"),
+    ({"method": "ft-conventional", "method_options": {"omega": 3}}, "method_options omega are not settings of method 'ft-conventional'"),
     ({"method": "nope"}, "method must be one of"),
 ])
 def test_bad_method_settings_are_one_line_config_errors(settings, message):
@@ -324,6 +331,83 @@ def test_clip_adapter_uses_the_frozen_prototypes_and_mixes_at_the_ratio(stores):
     assert (logits.argmax(1) == zs.argmax(1)).all()
 
 
+def _step_inputs(store: FeatureStore, rows: torch.Tensor) -> tuple[dict, dict]:
+    """(the tune stage's `text` for the train classes, a batch of the train split's `rows`)."""
+    text = store.read_text()
+    classes = torch.as_tensor(store.splits["train"].classes)
+    data = store.read_split("train")
+    step_text = {"tokens": text["tokens"][classes], "eot": text["eot"][classes], "prototypes": text["prototypes"][classes],
+                 "classnames": [text["classnames"][c] for c in classes], "class_ids": classes}
+    batch = {"vision": data["vision"][0, rows], "labels": data["labels"][rows], "zeroshot_rank": data["zeroshot_rank"][rows],
+             "index": rows}
+    return step_text, batch
+
+
+def test_ft_conventional_computes_open_clips_own_loss_on_raw_images_and_full_prompts(stores):
+    """The conventional-FT step's loss is open_clip's: the plain model's forward on the raw images
+    and the 77-token (here: the tiny model's whole 16-token) template prompts of every train class."""
+    from skipcache.cskip import CSkipConfig
+    from skipcache.step import make_optimizer
+
+    store = FeatureStore.open(stores[0])
+    method = get_method("ft-conventional")
+    model, _ = method.build(store, CPU, None, method.resolve_options({}))
+    assert model.full_tokens.shape[1] == tokenizer_for("tiny")(["x"]).shape[1]  # the whole context, not trimmed
+    rows = torch.tensor([0, 5, 9, 2])
+    text, batch = _step_inputs(store, rows)
+    optimizer = make_optimizer(model.layer_groups(), {"vision": 0.1, "text": 0.1}, momentum=0.9, weight_decay=0.0, placement=CPU)
+    step = method.make_step(model, text, method.resolve_cskip(CSkipConfig()), rank="zeroshot", batch_size=4,
+                            optimizer=optimizer, placement=CPU, generator=None)
+    stats = step(batch)
+    images, _, names = raw_split("train")
+    plain = load_model("tiny", "none", seed=SEED).model.eval()
+    image, classes = openclip_features(plain, [images[i] for i in rows], names)
+    with torch.no_grad():
+        expected = F.cross_entropy(plain.logit_scale.exp() * F.normalize(image, dim=-1) @ classes.T, batch["labels"])
+    assert float(stats[3]) == len(names)  # every class
+    torch.testing.assert_close(stats[0] / stats[4], expected, atol=1e-4, rtol=1e-4)
+    # one SGD step moved the weights: the next loss on the same batch is lower
+    assert float(step(batch)[0] / 4) < float(expected)
+
+
+def test_paper_schedule_trains_only_the_blocks_after_omega_and_sees_whole_prompts(tmp_path, stores):
+    from safetensors.torch import load_file
+
+    store = FeatureStore.open(stores[0])
+    method = get_method("paper-schedule")
+    model, options = method.build(store, CPU, None, method.resolve_options({}))
+    assert options == {"omega": DEPTH // 2}
+    text = store.read_text()
+    with torch.no_grad():  # the whole-context prompts give the cached (trimmed) prompts' features: causal mask
+        full = model.encode_text(model.full_tokens, model.full_eot)
+        trimmed = model.encode_classes(text, torch.arange(NUM_CLASSES))
+    torch.testing.assert_close(full, trimmed, atol=1e-5, rtol=1e-5)
+    assert model.full_tokens.shape[1] > text["tokens"].shape[1]
+
+    run = tune(stores[0], tmp_path / "run", "paper-schedule", epochs=2)
+    saved = load_file(run.run_dir / "deep.safetensors")
+    blocks = {int(k.split("resblocks.")[1].split(".")[0]) for k in saved if "resblocks." in k}
+    assert blocks == set(range(DEPTH // 2, DEPTH))  # blocks 1..omega are frozen: not saved
+    assert any(k.startswith("visual.transformer") for k in saved) and any(k.startswith("transformer") for k in saved)
+    pretrained = load_model("tiny", "none", seed=SEED).model.state_dict()
+    assert all((saved[k] - pretrained[k]).abs().max() > 0 for k in saved if k.endswith("mlp.c_fc.weight"))
+    config, record = (json.loads((run.run_dir / name).read_text()) for name in ("config.json", "run.json"))
+    assert config["cskip"]["variant"] == "paper-code" and record["method_options"] == {"omega": DEPTH // 2}
+
+
+def test_coop_on_the_whole_context_gives_the_trimmed_prompts_features(stores):
+    store = FeatureStore.open(stores[0])
+    method = get_method("coop")
+    trimmed, _ = method.build(store, CPU, None, method.resolve_options({"n_ctx": 4}))
+    full, _ = method.build(store, CPU, None, method.resolve_options({"n_ctx": 4, "full_context": True}))
+    with torch.no_grad():
+        full.prompts.ctx.copy_(trimmed.prompts.ctx)
+        names = store.read_text()["classnames"]
+        embedded, _ = full.prompts.prompts(names)
+        assert embedded.shape[1] == tokenizer_for("tiny")(["x"]).shape[1] > trimmed.prompts.prompts(names)[0].shape[1]
+        torch.testing.assert_close(full.prompts.encode_names(names), trimmed.prompts.encode_names(names), atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ the CLI
 
 
@@ -339,12 +423,22 @@ def test_tune_method_on_the_command_line(tmp_path, stores):
     assert json.loads(shown.stdout)["method"] == "CLIP-Adapter"
     bad = runner.invoke(app, ["tune", str(stores[3]), "--method", "ft", "--out", str(tmp_path / "x"), "--device", "cpu"])
     assert bad.exit_code != 0 and "error: method 'ft' trains every block" in bad.stderr
+    coop = runner.invoke(app, ["tune", str(stores[DEPTH]), "--method", "coop", "--method-option", "n_ctx=3",
+                               "--method-option", "ctx_init=null", "--method-option", "full_context=true", "--epochs", "1",
+                               "--out", str(tmp_path / "coop"), "--device", "cpu", "--json"])
+    assert coop.exit_code == 0, coop.output
+    assert json.loads((tmp_path / "coop" / "run.json").read_text())["method_options"] == {
+        "n_ctx": 3, "ctx_init": None, "full_context": True, "prefix": "X X X"}
+    for option, message in (("rank", "--method-option takes KEY=VALUE, got 'rank'"),
+                            ("rank=0", "method_options.rank must be a whole number >= 1")):
+        bad = runner.invoke(app, ["tune", str(stores[0]), "--method", "lora", "--method-option", option, "--device", "cpu"])
+        assert bad.exit_code == 2 and message in bad.stderr, bad.output
 
 
 # ------------------------------------------------------------------------------------ resume
 
 
-@pytest.mark.parametrize("method", ["lora", "coop", "clip-adapter"])
+@pytest.mark.parametrize("method", ["lora", "coop", "clip-adapter", "paper-schedule"])
 def test_an_interrupted_baseline_resumes_to_the_same_weights(tmp_path, stores, monkeypatch, method):
     """Killed right after its first checkpoint, the run continues from it (the method's own
     weights and the optimizer's momentum) to the bytes of an uninterrupted twin."""

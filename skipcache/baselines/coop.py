@@ -12,8 +12,13 @@ cached tokens without gradients. A store cached at omega = N (every block frozen
 ln_post and proj, which is the cheap form; any omega works. The prompts are cut after the
 longest prompt's EOT (exact under the causal mask, as for the cached text).
 
+CoOp as published (the paper's Table 5 row) runs the image encoder every step and the text
+tower on the whole 77-token context: a store at omega 0 and `full_context = true`. The
+benchmark measures both forms.
+
 Options (`TuneConfig.method_options`): `n_ctx` (None: 16, or as many as the model's context
-length leaves room for next to the longest class name), `ctx_init` (None: random).
+length leaves room for next to the longest class name), `ctx_init` (None: random),
+`full_context` (false: prompts cut after the longest EOT; true: the whole context).
 
 What a run saves: `coop.ctx` (n, width). Eval builds each class's prompt from the store's class
 names; export writes the (unchanged) open_clip checkpoint and, beside it, the context and the
@@ -43,8 +48,9 @@ PLACEHOLDER = "X"
 class LearnedPrompts(nn.Module):
     """The text side of CoOp: the context vectors and the frozen text tower they go through."""
 
-    def __init__(self, model: nn.Module, tokenizer: Callable, ctx: torch.Tensor, prefix: str):
+    def __init__(self, model: nn.Module, tokenizer: Callable, ctx: torch.Tensor, prefix: str, *, full_context: bool = False):
         super().__init__()
+        self.full_context = full_context
         self.embeddings = TextEmbeddings(model)
         self.text = DeepText(model, 0)
         for p in self.parameters():
@@ -59,13 +65,14 @@ class LearnedPrompts(nn.Module):
     @torch.no_grad()
     def prompts(self, classnames: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen embeddings (K, L, width) with positions of `{prefix} {name}.` and their EOT
-        positions (K,), on the device; L = max EOT + 1."""
+        positions (K,), on the device; L = max EOT + 1 (`full_context`: the model's whole context,
+        77 tokens for CLIP, as CoOp's code runs it; the features are the same under the causal mask)."""
         ids = self.tokenizer([f"{self.prefix} {name}." for name in classnames])
         eot = self.embeddings.eot(ids)
         if int(eot.min()) <= self.n_ctx + 1:
             raise ModelError(f"CoOp prompts are cut short: {self.n_ctx} context vectors leave no room for the class name "
                              f"in this model's {ids.shape[1]}-token context")
-        length = int(eot.max()) + 1
+        length = ids.shape[1] if self.full_context else int(eot.max()) + 1
         x = self.embeddings.tokens(ids[:, :length]) + self.embeddings.positions(length)
         return x, eot.to(x.device)
 
@@ -210,19 +217,21 @@ class CoOp(Method):
     exports_extras = True
     title = "CoOp"
     summary = "16 learned context vectors, whole text tower every step, frozen image side (store at omega = N)"
-    defaults = {"n_ctx": None, "ctx_init": None}
+    defaults = {"n_ctx": None, "ctx_init": None, "full_context": False}
 
     def check_options(self, options):
         check_int("n_ctx", options["n_ctx"], 1, optional=True)
         if options["ctx_init"] is not None and not (isinstance(options["ctx_init"], str) and options["ctx_init"].strip()):
             raise ConfigError(f"method_options.ctx_init must be a phrase such as \"a photo of a\" or unset, got {options['ctx_init']!r}")
+        if not isinstance(options["full_context"], bool):
+            raise ConfigError(f"method_options.full_context must be true or false, got {options['full_context']!r}")
 
     def build(self, store, place, pretrained, options):
         lm = load_store_model(store, pretrained)
         omega = store.key["omega"]
         tokenizer = tokenizer_for(lm.name)
         ctx, prefix = initial_context(lm.model, tokenizer, options, store.read_text()["classnames"])
-        prompts = LearnedPrompts(lm.model, tokenizer, ctx, prefix)
+        prompts = LearnedPrompts(lm.model, tokenizer, ctx, prefix, full_context=options["full_context"])
         model = CoOpModel(lm.model, omega, prompts)
         drop_shallow(lm.model, text=False)  # the image tower's frozen front is in the store
         model = place.modules(model)

@@ -275,6 +275,7 @@ def setup_training(cfg: TuneConfig, store: FeatureStore, place: Placement) -> Tr
     train_classes = torch.as_tensor(split.classes)
     text = {k: place.tensor(stored[k][train_classes]) for k in ("tokens", "eot", "prototypes")}  # (M_train, ...)
     text["classnames"] = [stored["classnames"][c] for c in split.classes]
+    text["class_ids"] = place.tensor(train_classes)  # their ids in the store's class list
     skip = method.resolve_cskip(cfg.cskip_config())
     lrs = {"vision": cfg.lr_image or cfg.lr / 4, "text": cfg.lr}
     optimizer = make_optimizer(deep.layer_groups(), lrs, momentum=cfg.momentum, weight_decay=cfg.weight_decay, placement=place)
