@@ -25,8 +25,9 @@ test-fast: install       ## unit tests only
 demo: install            ## cache -> tune -> eval on the built-in synthetic base-to-new task
 	$(VENV)/bin/skipcache run pipelines/demo.toml
 
+BENCH_ARGS ?= --threads 1  # as measured in docs/benchmark.md; `make benchmark BENCH_ARGS=` for torch's default threads
 benchmark: install       ## every method on one workload (ViT-B/16, CPU; <= 15 min on 2 cores): report, JSON, plots in build/bench/cpu
-	$(VENV)/bin/skipcache bench --preset cpu --out build/bench/cpu
+	$(VENV)/bin/skipcache bench --preset cpu --out build/bench/cpu $(BENCH_ARGS)
 
 benchmark-components: install  ## the tune step vs conventional FT, cache-stage and store throughput
 	$(PY) -m skipcache.bench.components --model ViT-B-16 --out build/benchmark-components.json

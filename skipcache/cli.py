@@ -498,7 +498,7 @@ def run(
 def bench(
     preset: str = typer.Option("cpu", "--preset", help="tiny (a smoke run), cpu (ViT-B/16 on the CPU, `make benchmark`) or gpu (the paper's settings)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder for bench.json, report.md and the plots (default: build/bench/<preset>)."),
-    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated methods (default: every one)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated rows of the method table, e.g. ft-conventional,skip-tuning,coop,coop-cached (default: every one)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads in each measuring process (default: torch's)."),
     no_sweeps: bool = typer.Option(False, "--no-sweeps", help="Skip the cost-vs-classes and cost-vs-omega sweeps."),
     no_accuracy: bool = typer.Option(False, "--no-accuracy", help="Skip training every method for accuracy."),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from skipcache.bench import CONFIGS, TRAIN_CONFIGS
-from skipcache.bench.methods import METHOD_ORDER, PAPER, PRESETS, TRAINABLE, method_omega
+from skipcache.bench.methods import METHOD_ORDER, PAPER, PRESETS, ROW, findings, row_omega
 from skipcache.bench.report import render_markdown, write_plots
 
 SKIPCACHE_BIN = Path(sys.executable).with_name("skipcache")
@@ -44,21 +44,26 @@ def test_tiny_preset_reports_every_method(tiny_report):
         assert r["step_time_s"] > 0 and r["peak_memory_mib"] > 0 and r["trainable_params"] > 0
         assert r["epoch_time_s"] == pytest.approx(r["step_time_s"] * r["steps_per_epoch"])
         assert r["memory_method"].startswith("CPU:")
-        assert r["paper"] == PAPER.get(name)
-        if name in TRAINABLE:
-            assert set(r["accuracy"]) == {"base", "new", "H"}, name
-            assert all(0 <= v <= 100 for v in r["accuracy"].values())
-            assert "accuracy_error" not in r
+        assert r["paper"] == (PAPER[ROW[name].paper] if ROW[name].paper else None)
+        assert r["method"] == ROW[name].method
+        assert set(r["accuracy"]) == {"base", "new", "H"}, name  # every row, the uncached ones from their cached twin
+        assert all(0 <= v <= 100 for v in r["accuracy"].values())
+        assert "accuracy_error" not in r
+        if ROW[name].accuracy_from:
+            assert r["accuracy_from"] == ROW[name].accuracy_from and r["accuracy"] == methods[r["accuracy_from"]]["accuracy"]
         else:
-            assert r["accuracy"] is None  # the authors' schedule: cost only
-    # each method ran at its own omega: FT and LoRA every block, CoOp and CLIP-Adapter none
+            assert "accuracy_from" not in r and r["tune_s"] > 0
+    # each row ran at its own omega: FT and LoRA every block, the cached CoOp and CLIP-Adapter none
     depth = report["meta"]["model_depth"]
-    assert {n: methods[n]["omega"] for n in TRAINABLE} == {n: method_omega(n, depth) for n in TRAINABLE}
+    assert {n: r["omega"] for n, r in methods.items()} == {n: row_omega(n, depth) for n in methods}
+    assert methods["coop"]["method_options"]["full_context"] is True and methods["coop-cached"]["method_options"]["full_context"] is False
     # what each method trains, as the paper describes them
     p = {n: methods[n]["trainable_params"] for n in methods}
-    assert p["coop"] < p["clip-adapter"] < p["lora"] < p["skip-tuning"] < p["ft"] == p["ft-cskip"]
+    assert p["coop"] == p["coop-cached"] < p["clip-adapter"] == p["clip-adapter-cached"] < p["lora"] < p["skip-tuning"]
+    assert p["skip-tuning"] < p["ft"] == p["ft-cskip"] == p["ft-conventional"]
     assert p["fast"] < p["skip-tuning"] == p["ft-lskip"] == p["paper-schedule"]
-    assert methods["ft"]["time_vs_ft"] == 1.0 and methods["skip-tuning"]["paper_time_vs_ft"] == pytest.approx(239 / 1002)
+    assert methods["ft-conventional"]["time_vs_ft"] == 1.0 and methods["skip-tuning"]["paper_time_vs_ft"] == pytest.approx(239 / 1002)
+    assert report["meta"]["reference"] == "ft-conventional" and report["findings"][0].startswith("Skip Tuning against FT, conventional")
     assert report["accuracy_task"]["converged"] is False and set(report["accuracy_task"]["zeroshot"]) >= {"base", "new", "H"}
     sweeps = report["sweeps"]
     assert [(r["method"], r["classes"]) for r in sweeps["classes"]] == [("skip-tuning", 10), ("skip-tuning", 100)]
@@ -66,7 +71,7 @@ def test_tiny_preset_reports_every_method(tiny_report):
     assert all(r["step_time_s"] > 0 for rows in sweeps.values() for r in rows)
     md = (out / "report.md").read_text()
     assert "Table 4 layout" in md and "Table 5 layout" in md and "torchinfo estimate" in md
-    assert "| Skip Tuning |" in md and "| 239 | 404 |" in md and "| CoOp |" in md
+    assert "| Skip Tuning |" in md and "| 239 | 404 |" in md and "| CoOp as published" in md and "What the numbers say" in md
     plots = report["plots"]
     assert plots.get("files") or plots.get("skipped")
     for f in plots.get("files", []):
@@ -76,12 +81,13 @@ def test_tiny_preset_reports_every_method(tiny_report):
 def _fake_report() -> dict:
     rows = []
     for i, name in enumerate(METHOD_ORDER):
+        paper = PAPER.get(ROW[name].paper or "")
         rows.append({"name": name, "label": name.upper(), "step_time_s": 1.0 + i, "epoch_time_s": 100.0 + i, "steps_per_epoch": 100,
                      "peak_memory_mib": 500.0 + i, "memory_method": "CPU: counted", "trainable_params": 1000 * (i + 1),
-                     "accuracy": {"base": 90.0, "new": 80.0, "H": 84.7} if name in TRAINABLE else None,
-                     "paper": PAPER.get(name), "time_vs_ft": 1.0, "memory_vs_ft": 1.0,
-                     "paper_time_vs_ft": PAPER[name]["time_s"] / 1002 if name in PAPER else None,
-                     "paper_memory_vs_ft": PAPER[name]["memory_mb"] / 1846 if name in PAPER else None})
+                     "accuracy": {"base": 90.0, "new": 80.0, "H": 84.7},
+                     "paper": paper, "time_vs_ft": 1.0, "memory_vs_ft": 1.0,
+                     "paper_time_vs_ft": paper["time_s"] / 1002 if paper else None,
+                     "paper_memory_vs_ft": paper["memory_mb"] / 1846 if paper else None})
     sweep = [{"method": "ft", "classes": c, "step_time_s": 0.1 * c, "epoch_time_s": c, "peak_memory_mib": c,
               "text_classes_per_step": c} for c in (10, 100)]
     return {"meta": {"preset": "cpu", "description": "test", "total_s": 1.0},
@@ -96,7 +102,7 @@ def test_the_report_puts_the_papers_figures_beside_ours():
     md = render_markdown(_fake_report())
     table4 = md.split("### Table 4 layout")[1].split("###")[0]
     assert [line.split("|")[1].strip() for line in table4.splitlines() if line.startswith("| ") and "method" not in line] == [
-        "FT", "FT-LSKIP", "FT-CSKIP", "SKIP-TUNING"]
+        "FT-CONVENTIONAL", "FT", "FT-LSKIP", "FT-CSKIP", "SKIP-TUNING"]
     assert "| 1002 | 1846 | 1.00 | 1.00 |" in table4 and "| 440 | 919 | 0.44 | 0.50 |" in table4
     table5 = md.split("### Table 5 layout")[1].split("###")[0]
     assert "| 1186 | 3204 | 1.18 | 1.74 |" in table5 and "| 888 | 1784 | 0.89 | 0.97 |" in table5 and "| 910 | 1580 | 0.91 | 0.86 |" in table5
@@ -129,8 +135,31 @@ def test_presets():
     assert PRESETS["cpu"].cost.model == PRESETS["gpu"].cost.model == "ViT-B-16"
     gpu = PRESETS["gpu"].cost
     assert (gpu.batch_size, gpu.shots) == (4, 16)  # the paper's recipe
-    assert method_omega("skip-tuning", 12) == 6 and method_omega("fast", 12) == 9 and method_omega("coop", 12) == 12
-    assert method_omega("lora", 12) == method_omega("ft", 12) == 0
+    assert row_omega("skip-tuning", 12) == 6 and row_omega("fast", 12) == 9 and row_omega("coop-cached", 12) == 12
+    assert row_omega("lora", 12) == row_omega("ft", 12) == row_omega("coop", 12) == row_omega("ft-conventional", 12) == 0
+    assert PRESETS["cpu"].cost.classes == 100  # the workload of the ≥ 8x / ≥ 4x comparison with conventional FT
+
+
+def _costs(**rows) -> dict:
+    """Fake results: name -> (step CPU s, peak MiB, H or None)."""
+    return {n: {"label": n, "step_time_s": t, "step_cpu_s": t, "peak_memory_mib": m, **({"accuracy": {"H": h}} if h is not None else {})}
+            for n, (t, m, h) in rows.items()}
+
+
+def test_findings_say_where_skip_tuning_is_and_is_not_cheaper_or_most_accurate():
+    out = findings(_costs(**{"ft-conventional": (20.0, 6000.0, 86.0), "skip-tuning": (2.0, 1000.0, 85.0),
+                             "coop": (10.0, 3000.0, None), "coop-cached": (1.0, 1500.0, None), "lora": (19.0, 900.0, 88.0),
+                             "clip-adapter-cached": (0.1, 50.0, 84.0), "fast": (0.5, 400.0, 90.0)}))
+    assert out[0].startswith("Skip Tuning against ft-conventional: 10.0x faster per step, 6.0x less peak memory (the paper: 4.2x and 4.6x)")
+    text = "\n".join(out)
+    assert "cheaper in time and in memory than: coop (5.00x Skip Tuning's time, 3.00x its memory)." in text
+    assert "**smaller but not faster than**: coop-cached (0.50x" in text
+    assert "**faster but not smaller than**: lora (9.50x" in text
+    assert "**neither faster nor smaller than**: clip-adapter-cached" in text
+    assert "fast (" not in text  # its own ablations and presets are not peers
+    assert out[-1] == "Skip Tuning is not the most accurate on the synthetic task (H 85.0): fast 90.0, lora 88.0, ft-conventional 86.0 score higher (one seed)."
+    best = findings(_costs(**{"skip-tuning": (2.0, 1000.0, 91.0), "lora": (19.0, 900.0, 88.0)}))
+    assert best[-1] == "Skip Tuning has the best H on the synthetic task (91.0, one seed)."
 
 
 @pytest.mark.slow

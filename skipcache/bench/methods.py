@@ -22,9 +22,11 @@ Accuracy. On the preset's synthetic task the parent caches one real store per om
 stage); each child runs the real `run_tune` and `evaluate_stores` on it and reports base, new
 and H in percent, the run's wall time and its median step.
 
-The authors' schedule (`paper-schedule`, cost only): the shallow blocks run every step on raw
-images (no cache), the text is not trimmed (77 tokens) and CSkip is the authors' (`paper-code`,
-dynamic ranks); `skipcache.baselines.paper_schedule`.
+Rows. A row is a `skipcache tune --method` at the omega of the store it reads, with its
+options (`ROWS`). The methods that run without the persistent cache (`ft-conventional`, the
+paper's FT; `paper-schedule`, the authors' schedule; CoOp and CLIP-Adapter as published) read a
+store at omega 0 and run every block every step; CoOp and CLIP-Adapter also have their cached
+rows (omega N). Ratios are against `ft-conventional`, as the paper's are against its FT.
 """
 
 from __future__ import annotations
@@ -51,26 +53,53 @@ PAPER = {
     "lora": {"time_s": 910, "memory_mb": 1580, "table": 5},
     "coop": {"time_s": 1186, "memory_mb": 3204, "table": 5},
 }
-PAPER_LABELS = {"ft": "FT", "ft-lskip": "FT + LSkip", "ft-cskip": "FT + CSkip", "skip-tuning": "Skip Tuning",
-                "fast": "Skip Tuning (fast)", "coop": "CoOp", "clip-adapter": "CLIP-Adapter", "lora": "LoRA",
-                "paper-schedule": "Skip Tuning, authors' schedule"}
-METHOD_ORDER = ("ft", "ft-lskip", "ft-cskip", "skip-tuning", "fast", "coop", "clip-adapter", "lora", "paper-schedule")
-TRAINABLE = METHOD_ORDER[:-1]  # the `skipcache tune --method` values; paper-schedule is cost only
+@dataclass(frozen=True)
+class Row:
+    """One row of the method table: a `skipcache tune --method` at the omega of the store it reads,
+    with its options. `omega` is a rule of the model's depth N: "0", "half" (N // 2, the paper's 6
+    of 12), "fast" (N - N // 4) or "all" (N). `paper`: the key of the paper's figures (`PAPER`);
+    `accuracy_from`: the row whose trained accuracy this row shares (the same training, computed
+    without the cache: equal up to float rounding), so the accuracy task trains it once."""
+
+    name: str
+    method: str
+    label: str
+    omega: str
+    options: dict = field(default_factory=dict)
+    paper: str | None = None
+    accuracy_from: str | None = None
 
 
-def method_omega(method: str, depth: int) -> int:
-    """The omega a method's store is cached at in the benchmark: 0 for FT, FT + CSkip and LoRA (every
-    block), N / 2 for Skip Tuning and FT + LSkip (the paper's 6 of 12), N - N // 4 for `fast`, N for
-    CoOp and CLIP-Adapter (their image side is frozen)."""
+ROWS = (
+    Row("ft-conventional", "ft-conventional", "FT, conventional (no cache, 77-token prompts): the paper's FT", "0",
+        paper="ft", accuracy_from="ft"),
+    Row("ft", "ft", "FT in this harness (store at ω 0, prompts trimmed)", "0"),
+    Row("ft-lskip", "ft-lskip", "FT + LSkip", "half", paper="ft-lskip"),
+    Row("ft-cskip", "ft-cskip", "FT + CSkip", "0", paper="ft-cskip"),
+    Row("skip-tuning", "skip-tuning", "Skip Tuning", "half", paper="skip-tuning"),
+    Row("fast", "fast", "Skip Tuning (fast: ω N − N/4, r 0.25)", "fast"),
+    Row("paper-schedule", "paper-schedule", "Skip Tuning, the authors' schedule (no cache, 77-token prompts)", "0"),
+    Row("coop", "coop", "CoOp as published (image tower every step, 77-token prompts)", "0", {"full_context": True},
+        paper="coop", accuracy_from="coop-cached"),
+    Row("coop-cached", "coop", "CoOp, image side cached (ω N), prompts trimmed", "all"),
+    Row("clip-adapter", "clip-adapter", "CLIP-Adapter as published (image tower every step)", "0", paper="clip-adapter",
+        accuracy_from="clip-adapter-cached"),
+    Row("clip-adapter-cached", "clip-adapter", "CLIP-Adapter, cached final features (ω N)", "all"),
+    Row("lora", "lora", "LoRA (rank 4, every block of both towers)", "0", paper="lora"),
+)
+ROW = {r.name: r for r in ROWS}
+METHOD_ORDER = tuple(r.name for r in ROWS)  # the rows, in the report's order
+# the other methods Skip Tuning is compared with in the report's findings (not its own ablations)
+PEERS = ("ft", "paper-schedule", "coop", "coop-cached", "clip-adapter", "clip-adapter-cached", "lora")
+REFERENCE = "ft-conventional"  # time ÷ FT and memory ÷ FT are against this row, as the paper's are against its FT
+
+
+def row_omega(row: Row | str, depth: int) -> int:
+    """The omega of the store a row's method reads (see `Row`)."""
     from skipcache.baselines import fast_omega
 
-    if method in ("ft", "ft-cskip", "lora"):
-        return 0
-    if method == "fast":
-        return fast_omega(depth)
-    if method in ("coop", "clip-adapter"):
-        return depth
-    return depth // 2
+    rule = (ROW[row] if isinstance(row, str) else row).omega
+    return {"0": 0, "half": depth // 2, "fast": fast_omega(depth), "all": depth}[rule]
 
 
 @dataclass(frozen=True)
@@ -124,6 +153,8 @@ SYNTH_RECIPES = {
     "ft-cskip": {"lr": 2e-3, "lr_image": 5e-4},
     "skip-tuning": {"lr": 2e-3, "lr_image": 5e-4},
     "fast": {"lr": 2e-3, "lr_image": 5e-4},
+    "paper-schedule": {"lr": 2e-3, "lr_image": 5e-4},
+    "ft-conventional": {"lr": 2e-3, "lr_image": 5e-4},
     "coop": {"lr": 1e-2},  # random init; held-out base 70.6 / 20.2 / 81.6 / 18.2 / 74.2 at 2e-3 .. 4e-2: unstable
     "clip-adapter": {"lr_image": 0.32},  # the adapter is on the image side; 0.08 / 0.16 / 0.32 / 0.64: 87.4 / 88.6 / 89.8 / 88.8
     "lora": {"lr": 4e-2},  # image side lr / 4; 2e-2 / 4e-2 / 8e-2 / 0.16: 94.0 / 96.2 / 96.4 / 6.0
@@ -155,17 +186,19 @@ PRESETS = {
     "cpu": Preset(
         "cpu", "ViT-B/16 (random init: the cost of pretrained weights) on the CPU, fp32; accuracy of every method "
                "on the demo's synthetic base-to-new task (synthetic-shades) with synth-vit",
-        CostWorkload(model="ViT-B-16", classes=50, steps=3, warmup=1),
-        # small, to stay within 15 minutes on 2 cores (points equal to a method's own row are not run
-        # again); FT and CoOp at 1000 classes take minutes per step there, so their lines stop at 200
-        classes_sweep=grid(("ft", "coop"), (10, 50, 200)) + grid(("skip-tuning",), (10, 50, 200, 1000)),
+        CostWorkload(model="ViT-B-16", classes=100, steps=3, warmup=1),
+        # small, to stay within 15 minutes on 2 cores (points equal to a row of the method table are
+        # not run again); FT and CoOp at 1000 classes take minutes per step there, so their lines stop at 300
+        classes_sweep=grid(("ft-conventional",), (10, 100)) + grid(("ft", "coop-cached"), (10, 100, 300))
+        + grid(("skip-tuning",), (10, 100, 300, 1000)),
         omega_sweep=grid(("skip-tuning",), (0, 6, 9, 12)),
         accuracy=AccuracyTask(recipes=SYNTH_RECIPES)),
     "gpu": Preset(
         "gpu", "the paper's settings on a GPU: ViT-B/16, batch 4, 16 shots, the ImageNet base half (500 classes), "
                "bf16 autocast; the synthetic task for accuracy",
         CostWorkload(model="ViT-B-16", classes=500, steps=20, warmup=5),
-        classes_sweep=grid(("ft", "skip-tuning", "coop", "clip-adapter", "lora"), (10, 30, 100, 300, 1000)),
+        classes_sweep=grid(("ft-conventional", "ft", "skip-tuning", "coop", "coop-cached", "clip-adapter", "lora"),
+                           (10, 30, 100, 300, 1000)),
         omega_sweep=grid(("skip-tuning", "ft-lskip"), (0, 2, 4, 6, 8, 10, 12)),
         accuracy=AccuracyTask(recipes=SYNTH_RECIPES)),
 }
@@ -338,40 +371,13 @@ def measure_cost(method: str, store: str, work: CostWorkload, cskip: dict | None
     memory = meter.peak(weights)
     return {**timing, **memory,
             "trainable_params": sum(p.numel() for p in training.deep.parameters() if p.requires_grad),
+            "method_options": training.method_options,
             "omega": int(opened.key["omega"]), "classes": len(opened.splits["train"].classes),
             "precision": place.precision, "device": str(place.device), "threads": torch.get_num_threads()}
 
 
-def measure_paper_schedule(work: CostWorkload, omega: int, classes: int) -> dict:
-    """(child) The authors' schedule: shallow blocks on raw images every step, 77-token text, their CSkip."""
-    if work.threads:
-        torch.set_num_threads(work.threads)
-    torch.manual_seed(work.seed)
-    from skipcache.baselines.paper_schedule import build_paper_schedule
-    from skipcache.bench.steps import TEMPLATE, classnames
-    from skipcache.loading import load_model, tokenizer_for
-    from skipcache.placement import Placement
-
-    place = Placement.resolve(work.device, work.precision)
-    meter = MemoryMeter(place.device)
-    lm = load_model(work.model, "none", seed=work.seed)
-    token_ids = tokenizer_for(work.model)([TEMPLATE.format(c) for c in classnames(classes)])
-    step, model = build_paper_schedule(lm.model, omega, token_ids, batch_size=work.batch_size, placement=place, seed=work.seed)
-    g = torch.Generator().manual_seed(work.seed)
-    batches = [{"images": place.tensor(torch.randn(work.batch_size, 3, lm.image_size, lm.image_size, generator=g)),
-                "labels": place.tensor(torch.randint(classes, (work.batch_size,), generator=g))}
-               for _ in range(work.warmup + work.steps)]
-    weights = tensor_mib(step.shallow) + tensor_mib(model, step.inner.tensors())
-    meter.start()
-    timing = _with_epoch(_timed_steps(step, batches, work.warmup, place), work)
-    memory = meter.peak(weights)
-    return {**timing, **memory,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "omega": omega, "classes": classes, "text_tokens": int(token_ids.shape[1]),
-            "precision": place.precision, "device": str(place.device), "threads": torch.get_num_threads()}
-
-
-def train_and_evaluate(method: str, store: str, out: str, task: AccuracyTask, device: str, threads: int | None) -> dict:
+def train_and_evaluate(method: str, options: dict, store: str, out: str, task: AccuracyTask, device: str,
+                       threads: int | None) -> dict:
     """(child) `skipcache tune --method` on a real store, then eval: base / new / H in percent."""
     if threads:
         torch.set_num_threads(threads)
@@ -380,8 +386,9 @@ def train_and_evaluate(method: str, store: str, out: str, task: AccuracyTask, de
 
     recipe = dict(task.recipes.get(method, {}))
     t0 = time.perf_counter()
-    result = run_tune(TuneConfig(store=Path(store), out=Path(out), method=method, epochs=task.epochs, batch_size=task.batch_size,
-                                 warmup_epochs=min(task.warmup_epochs, task.epochs - 1), seed=task.seed, device=device, progress=False, checkpoint_every_s=1e9, **recipe))
+    result = run_tune(TuneConfig(store=Path(store), out=Path(out), method=method, method_options=options, epochs=task.epochs,
+                                 batch_size=task.batch_size, warmup_epochs=min(task.warmup_epochs, task.epochs - 1),
+                                 seed=task.seed, device=device, progress=False, checkpoint_every_s=1e9, **recipe))
     tune_s = time.perf_counter() - t0
     ev = evaluate_stores(Path(out), [None], device=device)[0]
     return {"accuracy": {k: ev.accuracy[k] for k in ("base", "new", "H") if k in ev.accuracy}, "zeroshot": ev.zeroshot,
@@ -389,17 +396,14 @@ def train_and_evaluate(method: str, store: str, out: str, task: AccuracyTask, de
             "final_train_acc": result.final.get("train_acc"), "run_dir": out}
 
 
-def measure_method(method: str, cost_store: str | None, work: CostWorkload, omega: int, accuracy_store: str | None,
+def measure_method(row: Row, cost_store: str, work: CostWorkload, accuracy_store: str | None,
                    task: AccuracyTask | None, out: str) -> dict:
-    """(child) The cost of one method, then (when a store is given) its accuracy: one process per
-    method, the memory read before anything else runs in it."""
-    if method == "paper-schedule":
-        result = measure_paper_schedule(work, omega, work.classes)
-    else:
-        result = measure_cost(method, cost_store, work)
+    """(child) The cost of one row's method, then (when a store is given) its accuracy: one process
+    per row, the memory read before anything else runs in it."""
+    result = measure_cost(row.method, cost_store, work, method_options=row.options)
     if accuracy_store is not None and task is not None:
         try:
-            result["trained"] = train_and_evaluate(method, accuracy_store, out, task, work.device, work.threads)
+            result["trained"] = train_and_evaluate(row.method, row.options, accuracy_store, out, task, work.device, work.threads)
         except Exception as exc:  # the cost stands; the accuracy says why it is missing
             result["trained"] = {"error": f"{type(exc).__name__}: {exc}"}
     return result
@@ -424,8 +428,8 @@ def in_child(fn, *args) -> dict:
 def run_preset(preset: Preset, out: Path, *, device: str = "auto", threads: int | None = None,
                only: tuple[str, ...] | None = None, sweeps: bool = True, accuracy: bool = True, epochs: int | None = None,
                log=print) -> dict:
-    """Every measurement of `preset` (`epochs`: the accuracy task's, instead of the preset's);
-    returns the report dict (the JSON `skipcache bench` writes)."""
+    """Every measurement of `preset` (`only`: these rows; `epochs`: the accuracy task's, instead of
+    the preset's); returns the report dict (the JSON `skipcache bench` writes)."""
     from skipcache.loading import model_depth
 
     if epochs is not None and preset.accuracy is not None:
@@ -434,98 +438,106 @@ def run_preset(preset: Preset, out: Path, *, device: str = "auto", threads: int 
     work = replace(preset.cost, device=device, threads=threads)
     if threads:
         torch.set_num_threads(threads)  # this process caches the accuracy task's stores
-    methods = [m for m in METHOD_ORDER if only is None or m in only]
+    rows = [r for r in ROWS if only is None or r.name in only]
     depth = model_depth(work.model)
     stores = out / "stores"
-    rows = work.batch_size * (work.warmup + work.steps)
+    n_rows = work.batch_size * (work.warmup + work.steps)
     started = time.perf_counter()
 
     def store_for(omega: int, classes: int) -> str:
-        return str(random_store(stores, work.model, omega, classes, rows, seed=work.seed))
+        return str(random_store(stores, work.model, omega, classes, n_rows, seed=work.seed))
 
     task = preset.accuracy if accuracy else None
-    accuracy_stores, task_info = _cache_accuracy_stores(task, [m for m in methods if m in TRAINABLE], out, device, log)
+    trained_rows = [r for r in rows if r.accuracy_from is None]
+    accuracy_stores, task_info = _cache_accuracy_stores(task, trained_rows, out, device, log)
     results: dict[str, dict] = {}
-    for method in methods:
-        omega = method_omega("skip-tuning", depth) if method == "paper-schedule" else method_omega(method, depth)
-        log(f"{method}: cost (omega {omega}, {work.classes} classes)" + (", then accuracy" if method in accuracy_stores else "") + " ...")
-        cost_store = None if method == "paper-schedule" else store_for(omega, work.classes)
-        r = in_child(measure_method, method, cost_store, work, omega, accuracy_stores.get(method), task,
-                     str(out / "runs" / method))
+    for row in rows:
+        omega = row_omega(row, depth)
+        log(f"{row.name}: cost (omega {omega}, {work.classes} classes)" + (", then accuracy" if row.name in accuracy_stores else "") + " ...")
+        r = in_child(measure_method, row, store_for(omega, work.classes), work, accuracy_stores.get(row.name), task,
+                     str(out / "runs" / row.name))
         trained = r.pop("trained", None)
-        r.update(name=method, label=PAPER_LABELS[method], paper=PAPER.get(method), omega=omega, accuracy=None)
+        r.update(name=row.name, method=row.method, label=row.label, paper=PAPER.get(row.paper) if row.paper else None,
+                 omega=omega, accuracy=None)
         if trained is not None and "error" in trained:
             r["accuracy_error"] = trained["error"]
         elif trained is not None:
             r.update(accuracy=trained["accuracy"], accuracy_label=trained["label"], tune_s=trained["tune_s"],
                      tune_step_time_s=trained["run_step_time_s"], recipe=trained["recipe"],
-                     accuracy_omega=method_omega(method, model_depth(task.model)))
+                     accuracy_omega=row_omega(row, model_depth(task.model)))
             task_info["zeroshot"] = trained["zeroshot"]
-        results[method] = r
+        results[row.name] = r
+    for row in rows:  # rows whose training is another row's, computed without the cache
+        source = results.get(row.accuracy_from or "")
+        if row.accuracy_from and source and source.get("accuracy"):
+            results[row.name].update(accuracy=source["accuracy"], accuracy_from=row.accuracy_from)
 
     sweep_rows: dict[str, list[dict]] = {"classes": [], "omega": []}
     for kind, points in (("classes", preset.classes_sweep if sweeps else ()), ("omega", preset.omega_sweep if sweeps else ())):
-        for m, value in points:
-            omega, classes = (method_omega(m, depth), value) if kind == "classes" else (value, work.classes)
-            if (only is not None and m not in only) or (depth is not None and omega > depth) or (m == "ft-lskip" and omega == 0):
+        for name, value in points:
+            row = ROW[name]
+            omega, classes = (row_omega(row, depth), value) if kind == "classes" else (value, work.classes)
+            if (only is not None and name not in only) or (depth is not None and omega > depth) or (row.method == "ft-lskip" and omega == 0):
                 continue
-            main = next((r for n, r in results.items() if _same_training(n, m) and r.get("omega") == omega
+            main = next((r for n, r in results.items() if _same_training(ROW[n], row) and r.get("omega") == omega
                          and classes == work.classes and "error" not in r), None)
             if main is not None:
                 r = dict(main)  # the point the method table already measured
             else:
-                log(f"sweep: {m} at omega {omega}, {classes} classes ...")
-                r = in_child(measure_cost, m, store_for(omega, classes), work)
-            sweep_rows[kind].append(_sweep_row(m, r, **{kind: value}))
+                log(f"sweep: {name} at omega {omega}, {classes} classes ...")
+                r = in_child(measure_cost, row.method, store_for(omega, classes), work, None, row.options)
+            sweep_rows[kind].append(_sweep_row(name, r, **{kind: value}))
 
     _ratios(results)
     return {"meta": {"preset": preset.name, "description": preset.description, "total_s": time.perf_counter() - started,
-                     "model_depth": depth, "time_basis": time_basis(results)},
+                     "model_depth": depth, "time_basis": time_basis(results), "reference": REFERENCE},
             "config": {"cost": asdict(work), "classes_sweep": [list(p) for p in preset.classes_sweep],
                        "omega_sweep": [list(p) for p in preset.omega_sweep],
                        "accuracy": asdict(preset.accuracy) if preset.accuracy else None},
-            "methods": [results[m] for m in methods], "sweeps": sweep_rows, "accuracy_task": task_info}
+            "methods": [results[r.name] for r in rows], "sweeps": sweep_rows, "accuracy_task": task_info,
+            "findings": findings(results)}
 
 
-def _same_training(a: str, b: str) -> bool:
-    """Whether two method names train the same thing on a store of the same omega (Skip Tuning at
-    omega 0 is FT + CSkip; FT and FT + LSkip differ only in the store's omega)."""
+def _same_training(a: Row, b: Row) -> bool:
+    """Whether two rows train the same thing on a store of the same omega (Skip Tuning at omega 0
+    is FT + CSkip; FT and FT + LSkip differ only in the store's omega)."""
     groups = ({"skip-tuning", "ft-cskip"}, {"ft", "ft-lskip"})
-    return a == b or any(a in g and b in g for g in groups)
+    same_method = a.method == b.method or any(a.method in g and b.method in g for g in groups)
+    return same_method and a.options == b.options
 
 
-def _sweep_row(method: str, r: dict, **where) -> dict:
-    row = {"method": method, **where}
+def _sweep_row(name: str, r: dict, **where) -> dict:
+    row = {"method": name, **where}
     if "error" in r:
         return {**row, "error": r["error"]}
     return {**row, **{k: r[k] for k in ("step_time_s", "epoch_time_s", "step_cpu_s", "epoch_cpu_s", "peak_memory_mib", "memory_method",
                                         "text_classes_per_step", "trainable_params", "omega", "classes") if k in r}}
 
 
-def _cache_accuracy_stores(task: AccuracyTask | None, methods: list[str], out: Path, device: str, log) -> tuple[dict, dict | None]:
+def _cache_accuracy_stores(task: AccuracyTask | None, rows: list[Row], out: Path, device: str, log) -> tuple[dict, dict | None]:
     """The real stores of the accuracy task (the cache stage, in this process), one per omega the
-    methods need: ({method: store path}, the task's record)."""
-    if task is None or not methods:
+    rows need: ({row name: store path}, the task's record)."""
+    if task is None or not rows:
         return {}, None
     from skipcache.loading import model_depth
     from skipcache.stages.cache import CacheConfig, run_cache
 
     depth = model_depth(task.model)
     cached: dict[int, dict] = {}
-    by_method = {}
-    for method in methods:
-        omega = method_omega(method, depth)
+    by_row = {}
+    for row in rows:
+        omega = row_omega(row, depth)
         if omega not in cached:
             log(f"accuracy: caching {task.dataset} with {task.model} at omega {omega} ...")
             c = run_cache(CacheConfig(dataset=task.dataset, dataset_options=task.dataset_options, model=task.model,
                                       pretrained=task.pretrained, omega=omega, shots=task.shots, seed=task.seed, classes="base",
                                       root=out / "stores", device=device, progress=False))
             cached[omega] = {"path": str(c.path), "seconds": c.seconds, "reused": c.reused, "zeroshot_acc": c.zeroshot_acc}
-        by_method[method] = cached[omega]["path"]
+        by_row[row.name] = cached[omega]["path"]
     info = {"dataset": task.dataset, "dataset_options": task.dataset_options, "model": task.model, "pretrained": task.pretrained,
             "shots": task.shots, "epochs": task.epochs, "batch_size": task.batch_size, "converged": task.converged,
             "zeroshot": None, "stores": {str(k): v for k, v in cached.items()}}
-    return by_method, info
+    return by_row, info
 
 
 def time_basis(results: dict) -> str:
@@ -537,8 +549,9 @@ def time_basis(results: dict) -> str:
 
 
 def _ratios(results: dict) -> None:
-    """Time and memory of each method as a fraction of FT's, ours and the paper's."""
-    ft = results.get("ft", {})
+    """Time and memory of each row as a fraction of the reference FT's (conventional FT, as the
+    paper's are of its FT), ours and the paper's."""
+    ft = results.get(REFERENCE, {})
     basis = time_basis(results)
     for r in results.values():
         if basis in r and basis in ft:
@@ -548,6 +561,46 @@ def _ratios(results: dict) -> None:
         if paper:
             r["paper_time_vs_ft"] = paper["time_s"] / PAPER["ft"]["time_s"]
             r["paper_memory_vs_ft"] = paper["memory_mb"] / PAPER["ft"]["memory_mb"]
+
+
+def findings(results: dict) -> list[str]:
+    """The comparisons a reader of the tables looks for, as sentences: Skip Tuning against the
+    reference FT, whether it is cheaper than each other method in time and memory, and whether it
+    is the most accurate. Computed from the numbers; nothing is asserted."""
+    skip = results.get("skip-tuning")
+    basis = time_basis(results)
+    if not skip or basis not in skip:
+        return []
+    out = []
+    ft = results.get(REFERENCE)
+    if ft and basis in ft:
+        out.append(f"Skip Tuning against {ft['label']}: {ft[basis] / skip[basis]:.1f}x faster per step, "
+                   f"{ft['peak_memory_mib'] / skip['peak_memory_mib']:.1f}x less peak memory "
+                   f"(the paper: {PAPER['ft']['time_s'] / PAPER['skip-tuning']['time_s']:.1f}x and "
+                   f"{PAPER['ft']['memory_mb'] / PAPER['skip-tuning']['memory_mb']:.1f}x).")
+    verdicts: dict[str, list[str]] = {"both": [], "time": [], "memory": [], "neither": []}
+    for name in PEERS:
+        r = results.get(name)
+        if not r or basis not in r:
+            continue
+        t, m = r[basis] / skip[basis], r["peak_memory_mib"] / skip["peak_memory_mib"]
+        verdicts[("both" if m > 1 else "time") if t > 1 else ("memory" if m > 1 else "neither")].append(
+            f"{r['label']} ({t:.2f}x Skip Tuning's time, {m:.2f}x its memory)")
+    for key, words in (("both", "cheaper in time and in memory than"), ("time", "faster but not smaller than"),
+                       ("memory", "smaller but not faster than"), ("neither", "neither faster nor smaller than")):
+        if verdicts[key]:
+            out.append(f"Skip Tuning is {'**' + words + '**' if key != 'both' else words}: " + "; ".join(verdicts[key]) + ".")
+    accurate = {n: r["accuracy"]["H"] for n, r in results.items() if (r.get("accuracy") or {}).get("H") is not None}
+    if "skip-tuning" in accurate:
+        best = max(accurate, key=accurate.get)
+        h = accurate["skip-tuning"]
+        if accurate[best] > h:
+            ahead = sorted((n for n in accurate if accurate[n] > h), key=accurate.get, reverse=True)
+            out.append(f"Skip Tuning is not the most accurate on the synthetic task (H {h:.1f}): "
+                       + ", ".join(f"{results[n]['label']} {accurate[n]:.1f}" for n in ahead) + " score higher (one seed).")
+        else:
+            out.append(f"Skip Tuning has the best H on the synthetic task ({h:.1f}, one seed).")
+    return out
 
 
 def machine(device: str) -> dict:

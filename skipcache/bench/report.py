@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TABLE4 = ("ft", "ft-lskip", "ft-cskip", "skip-tuning")
-TABLE5 = ("coop", "clip-adapter", "lora", "ft", "skip-tuning")
+TABLE4 = ("ft-conventional", "ft", "ft-lskip", "ft-cskip", "skip-tuning")
+TABLE5 = ("coop", "coop-cached", "clip-adapter", "clip-adapter-cached", "lora", "ft-conventional", "skip-tuning")
 OURS_ONLY = ("fast", "paper-schedule")
 PLOTS = ("time_vs_memory.png", "cost_vs_classes.png", "cost_vs_omega.png")
 
@@ -25,7 +25,8 @@ def _row(r: dict, accuracy: bool, cpu: bool) -> str:
     acc = r.get("accuracy") or {}
     cells = [r["label"]]
     if accuracy:
-        cells += [_f(acc.get("base")), _f(acc.get("new")), _f(acc.get("H"))]
+        mark = "†" if r.get("accuracy_from") else ""
+        cells += [_f(acc.get("base")) + mark, _f(acc.get("new")) + mark, _f(acc.get("H")) + mark]
     if "error" in r:
         cells += [f"failed: {r['error'][:60]}"] + [""] * (5 + cpu)
     else:
@@ -76,14 +77,22 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- accuracy (%): {task['model']} --pretrained {task['pretrained']} on `{task['dataset']}`, base-to-new, "
                      f"{task['shots']} shots, {task['epochs']} epochs, batch {task['batch_size']}, each method's learning rates "
                      f"in the JSON{converged}; zero-shot base {_f(zs.get('base'))}, new {_f(zs.get('new'))}, H {_f(zs.get('H'))}")
+    reference = by_name.get(meta.get("reference", ""), {}).get("label", "FT")
+    lines.append(f"- time ÷ FT and memory ÷ FT: against **{reference}**, as the paper's are against its FT")
+    if any(r.get("accuracy_from") for r in report["methods"]):
+        lines.append("- †: the accuracy of the same training with the cache (the row named in `accuracy_from`): "
+                     "the uncached form computes the same thing, up to float rounding")
+    findings = report.get("findings") or []
+    if findings:
+        lines += ["", "**What the numbers say** (computed from the tables below):", ""] + [f"- {f}" for f in findings]
     lines += ["", *_table("Table 4 layout: the ablation", TABLE4, by_name, accuracy, cpu),
               *_table("Table 5 layout: other methods", TABLE5, by_name, accuracy, cpu)]
     extra = [n for n in OURS_ONLY if n in by_name]
     if extra:
         lines += _table("Not in the paper's tables", tuple(extra), by_name, accuracy, cpu)
-        if "paper-schedule" in by_name:
-            lines += ["`paper-schedule`: the authors' schedule (cost only): the shallow blocks run every step on raw images, "
-                      "77-token prompts, their CSkip (paper-code). `fast`: ω = N − N//4, r = 0.25.", ""]
+        lines += ["`paper-schedule`: the authors' schedule, trained like the others: blocks 1..ω frozen but run every step "
+                  "(no persistent cache), 77-token prompts, their CSkip (paper-code, ranks from the current features). "
+                  "`fast`: ω = N − N//4, r = 0.25.", ""]
     for kind, key, unit in (("classes", "classes", "classes"), ("omega", "omega", "ω")):
         rows = report.get("sweeps", {}).get(kind) or []
         if not rows:
@@ -121,16 +130,20 @@ def write_plots(report: dict, out: Path) -> dict:
     if ok:
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
         basis = "epoch_cpu_s" if report["meta"].get("time_basis") == "step_cpu_s" else "epoch_time_s"
-        for r in ok:
+        for r in ok:  # the row names (short; the report's tables give the labels)
             left.scatter(r["peak_memory_mib"], r[basis])
-            left.annotate(r["label"], (r["peak_memory_mib"], r[basis]), fontsize=8)
+            left.annotate(r["name"], (r["peak_memory_mib"], r[basis]), fontsize=8, xytext=(4, 2), textcoords="offset points")
             if r.get("memory_vs_ft") is not None:
                 right.scatter(r["memory_vs_ft"], r["time_vs_ft"], color="tab:blue")
-                right.annotate(r["label"], (r["memory_vs_ft"], r["time_vs_ft"]), fontsize=8, color="tab:blue")
+                right.annotate(r["name"], (r["memory_vs_ft"], r["time_vs_ft"]), fontsize=8, color="tab:blue",
+                               xytext=(4, 2), textcoords="offset points")
             if r.get("paper_memory_vs_ft") is not None:
                 right.scatter(r["paper_memory_vs_ft"], r["paper_time_vs_ft"], color="tab:orange", marker="s")
-                right.annotate(r["label"], (r["paper_memory_vs_ft"], r["paper_time_vs_ft"]), fontsize=8, color="tab:orange")
-        left.set(xlabel="peak memory (MiB, measured)", ylabel=f"epoch {'CPU ' if basis == 'epoch_cpu_s' else ''}time (s)", title=f"{report['config']['cost']['model']}: time vs memory")
+                right.annotate(r["name"], (r["paper_memory_vs_ft"], r["paper_time_vs_ft"]), fontsize=8, color="tab:orange",
+                               xytext=(4, -9), textcoords="offset points")
+        left.set_xscale("log")
+        left.set_yscale("log")
+        left.set(xlabel="peak memory (MiB, measured; log)", ylabel=f"epoch {'CPU ' if basis == 'epoch_cpu_s' else ''}time (s; log)", title=f"{report['config']['cost']['model']}: time vs memory")
         right.set(xlabel="memory ÷ FT", ylabel="time ÷ FT", title="relative to FT: ours (blue) vs paper (orange, torchinfo memory)")
         for ax in (left, right):
             ax.grid(alpha=0.3)
