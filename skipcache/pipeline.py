@@ -39,9 +39,10 @@ pipeline into the same folder again recomputes nothing that is done:
     - a run (finished or checkpointed) trained with other settings than the file now asks for is
       refused, naming the settings, before anything runs.
 
-Each tuning run executes in a fresh child process so that its peak memory is its own: on CUDA
-`torch.cuda.max_memory_allocated`, on CPU the child's peak RSS minus its RSS just before
-training starts (after imports). Every method is evaluated on the source store's test splits
+Each tuning run executes in a fresh child process, and its peak memory is the training phase's
+own as the tune stage measures it (`skipcache.memory`): on CUDA `torch.cuda.max_memory_allocated`
+over training, on the CPU the trained model's bytes plus the resident-memory growth over
+training (loading and imports excluded). Every method is evaluated on the source store's test splits
 (base / new / H, or all) and on the test split of every target.
 
 The result is the paper's table layout (`summarise`, `markdown_table`): base-to-new (Table 1)
@@ -62,7 +63,6 @@ import io
 import json
 import math
 import os
-import resource
 import statistics
 import tomllib
 import types
@@ -582,11 +582,6 @@ def default_out(name: str, overrides: list[str] = ()) -> Path:
 
 # ------------------------------------------------------------------------------ running
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def _tune_and_evaluate(tune_kwargs: dict, targets: dict) -> dict:
     """Runs in a spawned process (`run_in_child`): tune (or resume, or find the run finished),
     evaluate, report accuracy, time and memory."""
@@ -594,13 +589,8 @@ def _tune_and_evaluate(tune_kwargs: dict, targets: dict) -> dict:
     from skipcache.stages.tune import run_tune
 
     finished_before = bool(tune_kwargs.get("resume")) and _run_state(Path(tune_kwargs["out"])) == "finished"
-    baseline = _rss_mib()
     result = run_tune(TuneConfig(**tune_kwargs))
-    if finished_before or result.peak_memory_method.startswith("torch.cuda"):
-        peak, method = result.peak_memory_mib, result.peak_memory_method  # finished before: as run.json recorded it
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
-        method = "child peak RSS minus RSS before training"
+    peak, method = result.peak_memory_mib, result.peak_memory_method  # the training phase's (skipcache.memory)
     device = tune_kwargs.get("device", "auto")
     own, *on_targets = evaluate_stores(result.run_dir, [None, *targets.values()], device=device)
     accuracy = dict(own.accuracy)

@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import math
 import os
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from skipcache.memory import MemoryMeter, tensor_mib
 
 # The paper's Tables 4 and 5 (ViT-B/16): training time in seconds and memory in MB. The memory is
 # a torchinfo estimate, not a measurement.
@@ -243,70 +243,6 @@ def random_store(root: Path, model: str, omega: int, classes: int, rows: int, *,
 
 
 # ---------------------------------------------------------------------------- measuring
-
-
-def _status_mib(field_name: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _maxrss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_mib("VmHWM") is not None
-    except OSError:
-        return False
-
-
-def tensor_mib(module: torch.nn.Module, extra: dict | None = None) -> float:
-    """MiB of a module's parameters and buffers (each tensor once), plus `extra` tensors."""
-    seen, total = set(), 0
-    tensors = [*module.parameters(), *module.buffers(), *((extra or {}).values())]
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total / 2**20
-
-
-class MemoryMeter:
-    """Peak memory of the steps run between `start()` and `peak()`; see the module docstring."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.hwm, self.base = device, False, 0.0
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.base = _status_mib("VmRSS") or _maxrss_mib()
-            self.hwm = _reset_peak_rss()
-
-    def peak(self, weights_mib: float) -> dict:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return {"peak_memory_mib": torch.cuda.max_memory_allocated(self.device) / 2**20,
-                    "memory_method": "torch.cuda.max_memory_allocated over the steps (reset before the first): weights, "
-                                     "gradients, optimizer state, activations", "weights_mib": weights_mib}
-        grown = ((_status_mib("VmHWM") or 0.0) if self.hwm else _maxrss_mib()) - self.base
-        how = ("CPU: the method's weights and buffers (counted) + the child's peak RSS growth over the steps "
-               + ("(VmHWM reset before the first step)" if self.hwm else "(ru_maxrss, lifetime peak: an overestimate)")
-               + ": gradients, optimizer state, activations")
-        return {"peak_memory_mib": weights_mib + max(0.0, grown), "memory_method": how, "weights_mib": weights_mib,
-                "step_growth_mib": grown}
 
 
 def _timed_steps(step, batches: list[dict], warmup: int, place) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -26,6 +25,7 @@ from skipcache import cskip, rundir
 from skipcache.baselines import DEFAULT_METHOD, get_method
 from skipcache.errors import ConfigError, IncompleteStore, StoreError
 from skipcache.loading import model_depth
+from skipcache.memory import MemoryMeter, tensor_mib
 from skipcache.placement import Placement, prefetch_to_device
 from skipcache.progress import make_progress
 from skipcache.runtime import default_store_root, library_versions, seed_everything, utc_now
@@ -241,12 +241,6 @@ def class_batches(split: dict, batch_size: int, *, view: int, seed: int):
                "zeroshot_rank": split["zeroshot_rank"][rows], "index": rows}
 
 
-def _peak_memory(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS of the process (ru_maxrss)"
-
-
 def _default_out(store: FeatureStore) -> Path:
     return rundir.default_out(store.key)
 
@@ -328,6 +322,8 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         start_epoch, history = run.load_checkpoint(deep, optimizer, generator, store)
 
     timer = StepTimer(place)
+    meter = MemoryMeter(device, "training")  # the training phase's own peak (skipcache.memory)
+    meter.start()
     last_checkpoint = time.perf_counter()
     views = split.views
     # the reader hands over the storage dtype (half the bytes to copy); the step computes in fp32/autocast
@@ -371,18 +367,21 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
             phases["train_s"] += time.perf_counter() - mark
             mark = time.perf_counter()
             if epoch + 1 == cfg.epochs or time.perf_counter() - last_checkpoint >= cfg.checkpoint_every_s:
+                meter.pause()  # the checkpoint's serialization buffers are not training's memory
                 run.save_checkpoint(epoch + 1, deep, optimizer, generator, history, store)  # and metrics.jsonl
+                meter.resume()
                 last_checkpoint = time.perf_counter()
             else:
                 run.write_metrics(history)
             phases["checkpoint_s"] += time.perf_counter() - mark
 
+    memory = meter.peak(tensor_mib(deep, getattr(train_step, "tensors", dict)()))
+    peak_mib, method = memory["peak_memory_mib"], memory["memory_method"]
     mark = time.perf_counter()
     run.write_weights(deep, store)
     phases["save_s"] = time.perf_counter() - mark
     step_times = timer.times()
     warm = sorted(step_times[5:] or step_times)
-    peak_mib, method = _peak_memory(device)
     result = TuneResult(
         run_dir=out, store=store.path, epochs=cfg.epochs, seconds=time.perf_counter() - started,
         step_time_median_s=warm[len(warm) // 2] if warm else 0.0,
