@@ -10,13 +10,14 @@ model, optimiser and step object) and times that step object on batches read fro
 the wall clock on the CPU); the step time is their median. Epoch time = steps per epoch x step
 time, with steps per epoch = classes x shots / batch size (the base-to-new training split).
 
-Peak memory. CUDA: `torch.cuda.max_memory_allocated` over the steps (reset before the first),
-so it holds the weights, gradients, optimizer state and activations. CPU: the same sum, as the
-bytes of the method's model (parameters and buffers, counted) plus the child's peak resident
-memory over the steps above its resident memory before the first step (`VmHWM`, reset then
-through /proc/self/clear_refs; without it, ru_maxrss): gradients, optimizer state, activations,
-allocator slack. Model loading (which builds the whole CLIP before dropping the frozen half) and
-the imports happen before that window and are not counted. The method is stored with each number.
+Peak memory (`skipcache.memory.MemoryMeter`, the tune stage's meter). CUDA:
+`torch.cuda.max_memory_allocated` over the steps (reset before the first), so it holds the
+weights, gradients, optimizer state and activations. CPU: the same sum, as the bytes of the
+method's model (parameters and buffers, counted) plus the child's peak resident memory over the
+steps above its resident memory before the first step (VmHWM reset then, after the heap's free
+pages are handed back): gradients, optimizer state, activations, allocator slack. Model loading
+and the imports happen before that window and are not counted. The method is stored with each
+number.
 
 Accuracy. On the preset's synthetic task the parent caches one real store per omega (the cache
 stage); each child runs the real `run_tune` and `evaluate_stores` on it and reports base, new
