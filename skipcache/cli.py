@@ -207,7 +207,7 @@ def cache(
 def tune(
     store: Optional[Path] = typer.Argument(None, help="Store path (default: newest complete store under --root)."),
     method: str = typer.Option("skip-tuning", "--method", help="skip-tuning (default), ft (store at omega 0), ft-lskip, ft-cskip, fast (omega N-N/4, r 0.25), coop, clip-adapter, lora, paper-schedule or ft-conventional (stores at omega 0); see docs/baselines.md."),
-    method_option: Optional[list[str]] = typer.Option(None, "--method-option", help="A setting of the method as KEY=VALUE, repeatable: e.g. rank=8 (lora), n_ctx=4 or full_context=true (coop), omega=6 (paper-schedule)."),
+    method_option: Optional[list[str]] = typer.Option(None, "--method-option", metavar="KEY=VALUE", help="A setting of the method as KEY=VALUE, repeatable: e.g. rank=8 (lora), n_ctx=4 or full_context=true (coop), omega=6 (paper-schedule)."),
     root: Optional[Path] = RootOpt,
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Pick the newest store of this dataset."),
     model: Optional[str] = typer.Option(None, "--model", help="Pick the newest store of this model."),
