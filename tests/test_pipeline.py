@@ -54,6 +54,18 @@ def test_invalid_toml(tmp_path):
 
 
 ZS = '[[method]]\nname = "zs"\nkind = "zeroshot"\n'
+ZS_AND_SKIP = """
+[[method]]
+name = "zero-shot"
+kind = "zeroshot"
+
+[[method]]
+name = "Skip Tuning"
+kind = "tune"
+epochs = 1
+batch_size = 4
+lr = 0.05
+"""  # zero-shot and one short Skip Tuning run
 TOP_LEVEL = ['cache', 'description', 'grid', 'method', 'name', 'per_dataset', 'protocol', 'target']
 ALLOWED_CACHE = sorted(f.name for f in fields(CacheConfig))
 
@@ -202,18 +214,7 @@ def test_a_target_column_is_the_run_evaluated_on_the_target_store(tmp_path):
 dataset = "synthetic-sketch"
 name = "sketch"
 dataset_options = { num_classes = 4, test_per_class = 5 }
-
-[[method]]
-name = "zero-shot"
-kind = "zeroshot"
-
-[[method]]
-name = "Skip Tuning"
-kind = "tune"
-epochs = 1
-batch_size = 4
-lr = 0.05
-""")
+""" + ZS_AND_SKIP)
     result = run_pipeline(path, out=tmp_path / "out", device="cpu", root=tmp_path / "store", progress=False,
                           log=lambda line: None)
     assert result["targets"] == ["sketch"]
@@ -439,18 +440,7 @@ def test_few_shot_table_has_a_row_per_shots_and_a_column_per_dataset():
 GRID_PIPELINE = 'name = "grid"\n' + TINY_CACHE + """
 [grid]
 seed = [1, 2]
-
-[[method]]
-name = "zero-shot"
-kind = "zeroshot"
-
-[[method]]
-name = "Skip Tuning"
-kind = "tune"
-epochs = 1
-batch_size = 4
-lr = 0.05
-"""
+""" + ZS_AND_SKIP
 
 
 class Interrupted(Exception):

@@ -83,13 +83,13 @@ class PaperSchedule(SkipTuning):
     def check_options(self, options):
         check_int("omega", options["omega"], 0, optional=True)
 
-    def check_omega(self, omega, depth):
-        if omega != 0:
-            raise ConfigError(f"method {self.name!r} runs every block in every step: it needs a store cached with --omega 0 "
-                              f"(add --views E for a fresh augmented view each epoch), this one has omega {omega}")
+    store_omega = "zero"
+    trains_every_block = "runs every block in every step"
+    zero_hint = " (add --views E for a fresh augmented view each epoch)"
 
     def resolve_cskip(self, skip):
         # the authors' sampler: one mask over rank positions per run, one class subset per batch
+        skip = super().resolve_cskip(skip)
         return replace(skip, variant="paper-code", subset="batch") if skip.enabled else skip
 
     def label(self, omega, cskip):
@@ -123,12 +123,10 @@ class FTConventional(PaperSchedule):
     title = "FT (conventional)"
     summary = "the paper's FT: every block trained and run every step, 77-token prompts, every class (store at omega 0)"
     defaults = {}
+    cskip_mode = "off"
 
     def check_options(self, options):
         pass
-
-    def resolve_cskip(self, skip):
-        return replace(skip, enabled=False)
 
     def label(self, omega, cskip):
         return self.title

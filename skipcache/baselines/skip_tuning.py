@@ -50,8 +50,28 @@ class SkipTuning(Method):
     title = "Skip Tuning"
     summary = "LSkip at the store's omega + CSkip as configured (the default)"
 
+    # What a name fixes: CSkip ("as set", "off": every class, "on": required) and the omega of
+    # the store it reads ("any", "zero", "positive"); `trains_every_block` / `zero_hint` word
+    # the error of a store at the wrong omega.
+    cskip_mode = "as set"
+    store_omega = "any"
+    trains_every_block = "trains every block"
+    zero_hint = ""
+
     def resolve_cskip(self, skip: CSkipConfig) -> CSkipConfig:
+        if self.cskip_mode == "off":
+            return replace(skip, enabled=False)
+        if self.cskip_mode == "on" and not skip.enabled:
+            raise ConfigError(f"method {self.name!r} trains with CSkip; drop --no-cskip (cskip.enabled = false)")
         return skip
+
+    def check_omega(self, omega, depth):
+        if self.store_omega == "zero" and omega != 0:
+            raise ConfigError(f"method {self.name!r} {self.trains_every_block}: it needs a store cached with --omega 0"
+                              f"{self.zero_hint}, this one has omega {omega}")
+        if self.store_omega == "positive" and omega == 0:
+            raise ConfigError(f"method {self.name!r} skips the first omega blocks: it needs a store cached with --omega > 0 "
+                              "(the paper: 6), this one has omega 0")
 
     def label(self, omega: int, cskip: bool) -> str:
         return family_name(omega, cskip)
@@ -77,42 +97,24 @@ class FT(SkipTuning):
     name = "ft"
     title = "FT"
     summary = "full fine-tuning in this harness: store at omega 0, no CSkip"
-
-    def resolve_cskip(self, skip):
-        return replace(skip, enabled=False)
-
-    def check_omega(self, omega, depth):
-        if omega != 0:
-            raise ConfigError(f"method {self.name!r} trains every block: it needs a store cached with --omega 0, "
-                              f"this one has omega {omega}")
+    cskip_mode = "off"
+    store_omega = "zero"
 
 
 class FTLSkip(SkipTuning):
     name = "ft-lskip"
     title = "LSkip"
     summary = "FT + LSkip (paper Table 4): store at omega > 0, no CSkip"
-
-    def resolve_cskip(self, skip):
-        return replace(skip, enabled=False)
-
-    def check_omega(self, omega, depth):
-        if omega == 0:
-            raise ConfigError(f"method {self.name!r} skips the first omega blocks: it needs a store cached with --omega > 0 "
-                              "(the paper: 6), this one has omega 0")
+    cskip_mode = "off"
+    store_omega = "positive"
 
 
 class FTCSkip(SkipTuning):
     name = "ft-cskip"
     title = "FT + CSkip"
     summary = "FT + CSkip (paper Table 4): store at omega 0, with CSkip"
-
-    def resolve_cskip(self, skip):
-        if not skip.enabled:
-            raise ConfigError(f"method {self.name!r} trains with CSkip; drop --no-cskip (cskip.enabled = false)")
-        return skip
-
-    def check_omega(self, omega, depth):
-        FT.check_omega(self, omega, depth)
+    cskip_mode = "on"
+    store_omega = "zero"
 
 
 class Fast(SkipTuning):
@@ -120,9 +122,10 @@ class Fast(SkipTuning):
     title = "Skip Tuning (fast)"
     summary = f"preset: omega = N - N//4 (9 of 12), CSkip r = {FAST_R}"
 
+    cskip_mode = "on"
+
     def resolve_cskip(self, skip):
-        if not skip.enabled:
-            raise ConfigError(f"method {self.name!r} trains with CSkip; drop --no-cskip (cskip.enabled = false)")
+        skip = super().resolve_cskip(skip)
         if skip.r not in (DEFAULT_R, FAST_R):
             raise ConfigError(f"method {self.name!r} is a preset with cskip.r = {FAST_R}; for r = {skip.r} use "
                               "--method skip-tuning")
