@@ -155,7 +155,6 @@ SYNTH_RECIPES = {
     "skip-tuning": {"lr": 2e-3, "lr_image": 5e-4},
     "fast": {"lr": 2e-3, "lr_image": 5e-4},
     "paper-schedule": {"lr": 2e-3, "lr_image": 5e-4},
-    "ft-conventional": {"lr": 2e-3, "lr_image": 5e-4},
     "coop": {"lr": 1e-2},  # random init; held-out base 70.6 / 20.2 / 81.6 / 18.2 / 74.2 at 2e-3 .. 4e-2: unstable
     "clip-adapter": {"lr_image": 0.32},  # the adapter is on the image side; 0.08 / 0.16 / 0.32 / 0.64: 87.4 / 88.6 / 89.8 / 88.8
     "lora": {"lr": 4e-2},  # image side lr / 4; 2e-2 / 4e-2 / 8e-2 / 0.16: 94.0 / 96.2 / 96.4 / 6.0
